@@ -1,0 +1,231 @@
+"""DreamerV3 agent: world model, actor, critic, their loss and optimiser, built from
+TorchRL specs and a config, with one ``update`` that is the whole training step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import nn
+from torchrl.data import Bounded, Categorical, Composite, OneHot, Unbounded
+
+from .actor_critic import Critic
+from .heads import Actor
+from .losses import DreamerV3Loss, total_loss
+from .optim import LaProp
+from .world_model import ObsSpace, WorldModel
+
+# Observation keys the agent reads when the config names none.
+DEFAULT_OBS_KEYS = ("observation", "pixels")
+
+
+def obs_space_from_spec(spec: Composite, keys: list[str] | None = None) -> ObsSpace:
+    """Pick the agent's inputs from an env's observation spec.
+
+    Vectors: float 1-D entries. Images: uint8 [C, H, W]. Anything else raises.
+    """
+    keys = list(keys) if keys else [k for k in DEFAULT_OBS_KEYS if k in spec.keys()]
+    if not keys:
+        raise ValueError(
+            f"no observation key the agent can read: the env has {sorted(spec.keys())}; "
+            f"name them with obs_keys=[...] (supported: float vectors [F], uint8 images [C,H,W])"
+        )
+    vectors, images = {}, {}
+    for key in keys:
+        if key not in spec.keys():
+            raise ValueError(f"observation key {key!r} not in the env spec {sorted(spec.keys())}")
+        leaf = spec[key]
+        shape, dtype = (
+            tuple(leaf.shape[-3:] if leaf.dtype == torch.uint8 else leaf.shape),
+            leaf.dtype,
+        )
+        if dtype == torch.uint8 and len(leaf.shape) >= 3 and leaf.shape[-3] in (1, 3, 4):
+            images[key] = tuple(int(s) for s in leaf.shape[-3:])
+        elif dtype.is_floating_point and len(leaf.shape) >= 1:
+            vectors[key] = int(leaf.shape[-1])
+        else:
+            raise ValueError(
+                f"observation {key!r} has unsupported spec (dtype {dtype}, shape {shape}); "
+                "supported: float vectors [F] and uint8 images [C, H, W] with C in 1, 3, 4"
+            )
+    return ObsSpace(vectors, images)
+
+
+def action_info(spec) -> tuple[int, bool]:
+    """(action dims, discrete?) of an env action spec; raises for unsupported kinds."""
+    if isinstance(spec, OneHot):
+        return int(spec.shape[-1]), True
+    if isinstance(spec, (Bounded, Unbounded)) and spec.dtype.is_floating_point and spec.ndim >= 1:
+        return int(spec.shape[-1]), False
+    kind = type(spec).__name__
+    hint = " (wrap categorical actions as one-hot: GymEnv(..., categorical_action_encoding=False))"
+    raise ValueError(
+        f"action spec {kind} {tuple(spec.shape)} {spec.dtype} is not supported; supported: "
+        f"OneHot discrete actions and Bounded/Unbounded float vectors"
+        + (hint if isinstance(spec, Categorical) else "")
+    )
+
+
+class DreamerV3Agent(nn.Module):
+    """World model + actor + critic with the combined loss and one optimiser.
+
+    ``update(batch)`` runs one training step on a replay batch of steps [B, T+1] and
+    returns the loss TensorDict (detached), whose ``deter``/``stoch`` [B, T] refresh
+    the replay context.
+    """
+
+    def __init__(
+        self, obs_space: ObsSpace, action_dim: int, discrete: bool, model: Mapping, algo: Mapping
+    ):
+        super().__init__()
+        self.obs_space, self.action_dim, self.discrete = obs_space, action_dim, discrete
+        norm = algo.get("norm", "rms")
+        self.world_model = WorldModel(
+            obs_space,
+            action_dim,
+            deter=model["deter"],
+            hidden=model["hidden"],
+            classes=model["classes"],
+            units=model["units"],
+            depth=model["depth"],
+            stoch=model.get("stoch", 32),
+            blocks=model.get("blocks", 8),
+            unimix=algo.get("unimix", 0.01),
+            norm=norm,
+            num_bins=algo.get("num_bins", 255),
+            bins=algo.get("bins", "symexp"),
+            free_nats=algo.get("free_nats", 1.0),
+            horizon=algo.get("horizon", 333),
+        )
+        feat = self.world_model.rssm.feat_dim
+        act_cfg = algo.get("actor", {})
+        self.actor = Actor(
+            feat,
+            action_dim,
+            discrete,
+            model["units"],
+            act_cfg.get("layers", 3),
+            act_cfg.get("outscale", 0.01),
+            act_cfg.get("minstd", 0.1),
+            act_cfg.get("maxstd", 1.0),
+            norm,
+        )
+        self.critic = Critic(
+            feat,
+            model["units"],
+            algo.get("critic_layers", 3),
+            algo.get("num_bins", 255),
+            algo.get("bins", "symexp"),
+            norm,
+        )
+        retnorm = algo.get("retnorm", {})
+        self.loss = DreamerV3Loss(
+            self.world_model,
+            self.actor,
+            self.critic,
+            scales=dict(algo.get("loss_scales", {})),
+            imag_horizon=algo.get("imag_horizon", 15),
+            lam=algo.get("lam", 0.95),
+            actor_entropy=algo.get("actor_entropy", 3e-4),
+            slowreg=algo.get("slowreg", 1.0),
+            slow_rate=algo.get("slow_rate", 0.02),
+            repval=algo.get("repval", True),
+            retnorm_rate=retnorm.get("rate", 0.01),
+            retnorm_limit=retnorm.get("limit", 1.0),
+        )
+        self.loss.set_keys(observations=tuple(obs_space.keys))
+        self.optimizer = make_optimizer(self, algo.get("optim", {}))
+        self._loss_fn = self._loss_and_grads
+
+    @classmethod
+    def from_specs(
+        cls,
+        observation_spec: Composite,
+        action_spec,
+        model: Mapping,
+        algo: Mapping,
+        obs_keys: list[str] | None = None,
+    ) -> DreamerV3Agent:
+        dim, discrete = action_info(action_spec)
+        return cls(obs_space_from_spec(observation_spec, obs_keys), dim, discrete, model, algo)
+
+    def trained_modules(self) -> list[nn.Module]:
+        """The modules the optimiser trains (not the slow critic)."""
+        return [self.world_model, self.actor, self.critic]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for m in self.trained_modules() for p in m.parameters())
+
+    def _loss_and_grads(self, batch: TensorDictBase) -> TensorDict:
+        out = self.loss(batch)
+        total_loss(out).backward()
+        return out
+
+    def compile(self, **kwargs) -> None:
+        """Compile the forward+backward of the loss with ``torch.compile``."""
+        self._loss_fn = torch.compile(self._loss_and_grads, **kwargs)
+
+    def update(self, batch: TensorDictBase) -> TensorDict:
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self._loss_fn(batch)
+        self.optimizer.step()
+        self.loss.slow_critic.update(self.critic)
+        return out.detach()
+
+
+def make_optimizer(agent: DreamerV3Agent, cfg: Mapping) -> torch.optim.Optimizer:
+    """``laprop`` (reference: one optimiser over all modules) or ``adam`` (paper2023:
+    world model and actor/critic with their own lr and global-norm clip)."""
+    name = cfg.get("name", "laprop")
+    if name == "laprop":
+        params = [p for m in agent.trained_modules() for p in m.parameters()]
+        return LaProp(
+            params,
+            lr=cfg.get("lr", 4e-5),
+            betas=(cfg.get("beta1", 0.9), cfg.get("beta2", 0.999)),
+            eps=cfg.get("eps", 1e-20),
+            agc=cfg.get("agc", 0.3),
+            pmin=cfg.get("pmin", 1e-3),
+            warmup=cfg.get("warmup", 1000),
+        )
+    if name == "adam":
+        return ClippedAdam(
+            [
+                {
+                    "params": list(agent.world_model.parameters()),
+                    "lr": cfg.get("model_lr", 1e-4),
+                    "clip": cfg.get("model_clip", 1000.0),
+                    "eps": cfg.get("model_eps", 1e-8),
+                },
+                {
+                    "params": list(agent.actor.parameters()),
+                    "lr": cfg.get("actor_lr", 3e-5),
+                    "clip": cfg.get("ac_clip", 100.0),
+                    "eps": cfg.get("ac_eps", 1e-5),
+                },
+                {
+                    "params": list(agent.critic.parameters()),
+                    "lr": cfg.get("critic_lr", 3e-5),
+                    "clip": cfg.get("ac_clip", 100.0),
+                    "eps": cfg.get("ac_eps", 1e-5),
+                },
+            ]
+        )
+    raise ValueError(f"optimizer {name!r} unknown; valid: 'laprop', 'adam'")
+
+
+class ClippedAdam(torch.optim.Adam):
+    """Adam whose param groups each clip their gradient's global norm to ``clip`` first."""
+
+    def __init__(self, groups: list[dict]):
+        super().__init__(groups, foreach=True)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            grads = [p for p in group["params"] if p.grad is not None]
+            if grads:
+                nn.utils.clip_grad_norm_(grads, group["clip"], foreach=True)
+        return super().step(closure)

@@ -1,0 +1,143 @@
+"""Output heads on the feature [deter, flat stoch]: two-hot scalars, binary continue, actor.
+
+Shapes: N any flattened batch (leading dims are kept), K bins, A action dims.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .distributions import (
+    binary_log_prob,
+    bounded_normal,
+    categorical_entropy,
+    normal_entropy,
+    normal_log_prob,
+    sample_onehot,
+)
+from .functional import symexp, symlog, twohot_bins, twohot_decode, twohot_loss
+from .nets import MLP, Linear
+
+
+class TwoHotHead(nn.Module):
+    """MLP → K logits over symexp-spaced bins (reward, value).
+
+    ``bins="symexp"``: bins in raw space, targets two-hot in raw space (current
+    reference). ``bins="symlog"``: bins linear in symlog space, targets symlog-ed
+    (paper2023).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        units: int,
+        layers: int,
+        num_bins: int = 255,
+        outscale: float = 0.0,
+        bins: str = "symexp",
+        norm: str = "rms",
+    ):
+        super().__init__()
+        self.mlp = MLP(in_dim, units, layers, norm)
+        self.out = Linear(self.mlp.out_features, num_bins, outscale)
+        self.symlog_space = bins == "symlog"
+        self.register_buffer("bins", twohot_bins(num_bins, bins), persistent=False)
+
+    def forward(self, feat: Tensor) -> Tensor:
+        """Logits [..., K]."""
+        return self.out(self.mlp(feat))
+
+    def predict(self, logits: Tensor) -> Tensor:
+        """Expected value in raw units, [...]."""
+        value = twohot_decode(logits, self.bins)
+        return symexp(value) if self.symlog_space else value
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Two-hot cross-entropy to ``target`` (raw units), [...]."""
+        target = symlog(target) if self.symlog_space else target
+        return twohot_loss(logits, target, self.bins)
+
+
+class BinaryHead(nn.Module):
+    """MLP → one Bernoulli logit (continue flag)."""
+
+    def __init__(
+        self, in_dim: int, units: int, layers: int, outscale: float = 1.0, norm: str = "rms"
+    ):
+        super().__init__()
+        self.mlp = MLP(in_dim, units, layers, norm)
+        self.out = Linear(self.mlp.out_features, 1, outscale)
+
+    def forward(self, feat: Tensor) -> Tensor:
+        """Logit [...]."""
+        return self.out(self.mlp(feat)).squeeze(-1)
+
+    @staticmethod
+    def loss(logit: Tensor, target: Tensor) -> Tensor:
+        return -binary_log_prob(logit, target)
+
+
+class Actor(nn.Module):
+    """Policy π(a | feat): categorical over one-hot actions, or the bounded normal.
+
+    ``forward`` returns the distribution parameters as one tensor [..., P]:
+    discrete → logits [..., A]; continuous → [mean, std] [..., 2A] (mean already
+    tanh-squashed, std already bounded), so callers stay on plain tensors.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        action_dim: int,
+        discrete: bool,
+        units: int,
+        layers: int = 3,
+        outscale: float = 0.01,
+        minstd: float = 0.1,
+        maxstd: float = 1.0,
+        norm: str = "rms",
+    ):
+        super().__init__()
+        self.discrete, self.action_dim = discrete, action_dim
+        self.minstd, self.maxstd = minstd, maxstd
+        self.mlp = MLP(in_dim, units, layers, norm)
+        outs = action_dim if discrete else 2 * action_dim
+        # Separate mean and std layers in the reference; one fused Linear is the same map.
+        self.out = Linear(self.mlp.out_features, outs, outscale)
+
+    def forward(self, feat: Tensor) -> Tensor:
+        x = self.out(self.mlp(feat))
+        if self.discrete:
+            return torch.log_softmax(x, -1)
+        mean, std = bounded_normal(*x.chunk(2, -1), self.minstd, self.maxstd)
+        return torch.cat([mean, std], -1)
+
+    def sample(self, params: Tensor) -> Tensor:
+        """An action [..., A] (one-hot for discrete), without gradient."""
+        if self.discrete:
+            return sample_onehot(params)
+        mean, std = params.chunk(2, -1)
+        return (mean + std * torch.randn_like(std)).detach()
+
+    def mode(self, params: Tensor) -> Tensor:
+        if self.discrete:
+            return nn.functional.one_hot(params.argmax(-1), self.action_dim).to(params.dtype)
+        return params.chunk(2, -1)[0]
+
+    def log_prob(self, params: Tensor, action: Tensor) -> Tensor:
+        """log π(a), summed over action dims, [...]."""
+        if self.discrete:
+            return (params * action).sum(-1)
+        mean, std = params.chunk(2, -1)
+        return normal_log_prob(action, mean, std).sum(-1)
+
+    def entropy(self, params: Tensor) -> Tensor:
+        """H[π], summed over action dims, [...]."""
+        if self.discrete:
+            return categorical_entropy(params)
+        return normal_entropy(params.chunk(2, -1)[1]).sum(-1)
+
+    def act(self, feat: Tensor) -> Tensor:
+        """feat → sampled action, for imagination (no gradient)."""
+        return self.sample(self(feat))

@@ -1,0 +1,300 @@
+"""DreamerV3 losses as TorchRL ``LossModule``s.
+
+``DreamerV3Loss`` is the whole update's objective in one pass (world model,
+imagination, actor, critic, replay value); ``WorldModelLoss``, ``ActorLoss`` and
+``CriticLoss`` expose the parts for pipelines that want them separately. All read a
+replay batch of steps [B, T+1] (see :mod:`dreamer_trl.sequence`) and return a
+TensorDict of scaled ``loss_*`` entries plus unscaled metrics.
+
+Shapes: B batch, T time, N = B·T imagination starts, H horizon, E feature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+from torchrl.objectives import LossModule
+
+from .actor_critic import Critic, ReturnNormalizer, SlowCritic
+from .functional import lambda_return
+from .heads import Actor
+from .sequence import Sequence, sequence_from_steps
+from .world_model import WorldModel
+
+DEFAULT_SCALES = {
+    "rec": 1.0,
+    "rew": 1.0,
+    "con": 1.0,
+    "dyn": 1.0,
+    "rep": 0.1,
+    "policy": 1.0,
+    "value": 1.0,
+    "repval": 0.3,
+}
+
+
+@dataclass
+class Imagination:
+    """An imagined rollout from N start states, with its λ-returns. [N, H+1] / [N, H]."""
+
+    feat: Tensor  # [N, H+1, E], stop-gradient
+    action: Tensor  # [N, H+1, A]
+    reward: Tensor  # [N, H+1]
+    cont: Tensor  # [N, H+1] predicted continue probability (the discount)
+    value: Tensor  # [N, H+1] critic estimate (no grad)
+    weight: Tensor  # [N, H+1] cumulative product of continues
+    ret: Tensor  # [N, H]
+    extra: dict = field(default_factory=dict)
+
+
+class _DreamerLossBase(LossModule):
+    @dataclass
+    class _AcceptedKeys:
+        """Replay step keys; ``observations`` lists the observation keys."""
+
+        observations: tuple = ("observation",)
+        action: str = "action"
+
+    default_keys = _AcceptedKeys
+    tensor_keys: _AcceptedKeys
+
+    def sequence(self, td: TensorDictBase) -> Sequence:
+        keys = self.tensor_keys
+        if keys.action != "action":
+            td = td.rename_key_(keys.action, "action")
+        return sequence_from_steps(td, list(keys.observations))
+
+
+class WorldModelLoss(_DreamerLossBase):
+    """rec + rew + con + dyn·KL(sg(post)||prior) + rep·KL(post||sg(prior)), free nats 1.
+
+    Writes ``deter``/``stoch`` [B, T] (posterior states) to the output for imagination
+    and for refreshing the replay context.
+    """
+
+    def __init__(self, world_model: WorldModel, scales: dict | None = None):
+        super().__init__()
+        self.world_model = world_model
+        self.scales = {**DEFAULT_SCALES, **(scales or {})}
+
+    def observe(self, seq: Sequence):
+        wm = self.world_model
+        tokens = wm.encoder(seq.obs)
+        deter, stoch, post = wm.rssm.observe(
+            tokens, seq.prev_action, seq.is_first, seq.deter, seq.stoch
+        )
+        losses, feat, metrics = wm.step_losses(seq, deter, stoch, post)
+        return losses, feat, deter, stoch, metrics
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDict:
+        losses, _, deter, stoch, metrics = self.observe(self.sequence(tensordict))
+        out = _scaled(losses, self.scales)
+        out.update(metrics)
+        out.set("deter", deter.detach())
+        out.set("stoch", stoch.detach())
+        return out
+
+
+class ActorLoss(LossModule):
+    """REINFORCE on imagined rollouts: −w·(log π(a)·sg(adv) + η·H[π]), adv = (R − v)/S.
+
+    Reads start states ``deter`` [N, D], ``stoch`` [N, S, C]; imagines H steps with the
+    actor under the prior, computes λ-returns bootstrapped by the critic and updates the
+    percentile return normaliser.
+    """
+
+    def __init__(
+        self,
+        world_model: WorldModel,
+        actor: Actor,
+        critic: Critic,
+        return_norm: ReturnNormalizer | None = None,
+        horizon: int = 15,
+        lam: float = 0.95,
+        entropy: float = 3e-4,
+        scale: float = 1.0,
+    ):
+        super().__init__()
+        self.world_model, self.actor, self.critic = world_model, actor, critic
+        self.return_norm = return_norm or ReturnNormalizer()
+        self.horizon, self.lam, self.entropy, self.scale = horizon, lam, entropy, scale
+
+    def imagine(self, deter: Tensor, stoch: Tensor) -> Imagination:
+        wm = self.world_model
+        deters, stochs, action = wm.rssm.imagine(
+            deter.detach(), stoch.detach(), self.actor.act, self.horizon
+        )
+        feat = torch.cat([deters, stochs.flatten(-2)], -1)
+        with torch.no_grad():
+            reward = wm.reward.predict(wm.reward(feat))
+            cont = torch.sigmoid(wm.cont(feat))
+        value_logits = self.critic(feat)
+        value = self.critic.predict(value_logits).detach()
+        weight = torch.cumprod(cont, 1)
+        ret = lambda_return(reward, cont, value, self.lam)
+        return Imagination(
+            feat, action, reward, cont, value, weight, ret, {"value_logits": value_logits}
+        )
+
+    def policy_terms(self, img: Imagination, update_norm: bool = True):
+        scale = self.return_norm(img.ret, update=update_norm)
+        adv = (img.ret - img.value[:, :-1]) / scale
+        params = self.actor(img.feat[:, :-1])
+        logpi = self.actor.log_prob(params, img.action[:, :-1])
+        ent = self.actor.entropy(params)
+        weight = img.weight[:, :-1]
+        loss = weight * -(logpi * adv.detach() + self.entropy * ent)
+        metrics = {
+            "actor_entropy": ent.mean().detach(),
+            "return_scale": scale.detach(),
+            "adv_mag": adv.abs().mean().detach(),
+            "imag_return": img.ret.mean().detach(),
+            "imag_value": img.value.mean().detach(),
+            "imag_reward": img.reward.mean().detach(),
+            "imag_cont": img.cont.mean().detach(),
+            "imag_weight": img.weight.mean().detach(),
+        }
+        return loss.mean(1), metrics
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDict:
+        deter, stoch = tensordict.get("deter"), tensordict.get("stoch")
+        img = self.imagine(deter.reshape(-1, deter.shape[-1]), stoch.reshape(-1, *stoch.shape[-2:]))
+        loss, metrics = self.policy_terms(img)
+        out = TensorDict({"loss_policy": self.scale * loss.mean()}, batch_size=[])
+        out.update(metrics)
+        return out
+
+
+class CriticLoss(LossModule):
+    """Two-hot CE to the λ-returns + ``slowreg``·CE to the slow critic, weighted by the
+    imagined continue products; optionally the replay value loss (``repval_terms``)."""
+
+    def __init__(
+        self,
+        critic: Critic,
+        slow_critic: SlowCritic | None = None,
+        slowreg: float = 1.0,
+        lam: float = 0.95,
+        horizon: int = 333,
+        scale: float = 1.0,
+        repval_scale: float = 0.3,
+    ):
+        super().__init__()
+        self.critic = critic
+        self.slow_critic = slow_critic or SlowCritic(critic)
+        self.slowreg, self.lam, self.disc = slowreg, lam, 1.0 - 1.0 / horizon
+        self.scale, self.repval_scale = scale, repval_scale
+
+    # Method names avoid the suffix "loss": LossModule wraps such methods in
+    # exploration/recurrent-mode context managers on every call.
+    def _regressed(self, logits: Tensor, feat: Tensor, target: Tensor) -> Tensor:
+        with torch.no_grad():
+            slow = self.slow_critic.predict(self.slow_critic(feat.detach()))
+        return self.critic.loss(logits, target) + self.slowreg * self.critic.loss(logits, slow)
+
+    def value_terms(self, img: Imagination) -> Tensor:
+        """Per-start imagined value loss, [N]."""
+        logits = img.extra["value_logits"][:, :-1]
+        loss = self._regressed(logits, img.feat[:, :-1], img.ret)
+        return (img.weight[:, :-1] * loss).mean(1)
+
+    def repval_terms(self, feat: Tensor, seq: Sequence, boot: Tensor) -> Tensor:
+        """Replay value loss [B, T-1]: λ-returns on the real rewards and terminals,
+        bootstrapped from each state's imagined return ``boot`` [B, T]. ``feat`` keeps its
+        graph, so this loss also trains the world model (reference repval_grad)."""
+        live = (1.0 - seq.is_terminal.float()) * self.disc
+        ret = lambda_return(seq.reward, live, boot.detach(), self.lam, last=seq.is_last)
+        loss = self._regressed(self.critic(feat[:, :-1]), feat[:, :-1], ret)
+        return (1.0 - seq.is_last[:, :-1].float()) * loss
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDict:
+        """Reads an :class:`Imagination` under the non-tensor key ``imagination``."""
+        img = tensordict.get("imagination")
+        loss = self.value_terms(img)
+        return TensorDict({"loss_value": self.scale * loss.mean()}, batch_size=[])
+
+
+class DreamerV3Loss(_DreamerLossBase):
+    """The full DreamerV3 objective on one replay batch, with each piece computed once.
+
+    Output: ``loss_{rec,rew,con,dyn,rep,policy,value,repval}`` (scaled; their sum is
+    the loss to minimise), unscaled metrics, and ``deter``/``stoch`` [B, T] posteriors
+    to write back into replay.
+    """
+
+    def __init__(
+        self,
+        world_model: WorldModel,
+        actor: Actor,
+        critic: Critic,
+        *,
+        scales: dict | None = None,
+        imag_horizon: int = 15,
+        lam: float = 0.95,
+        actor_entropy: float = 3e-4,
+        slowreg: float = 1.0,
+        slow_rate: float = 0.02,
+        repval: bool = True,
+        retnorm_rate: float = 0.01,
+        retnorm_limit: float = 1.0,
+    ):
+        super().__init__()
+        self.scales = {**DEFAULT_SCALES, **(scales or {})}
+        self.world_model, self.actor, self.critic = world_model, actor, critic
+        self.wm_loss = WorldModelLoss(world_model, self.scales)
+        self.actor_loss = ActorLoss(
+            world_model,
+            actor,
+            critic,
+            ReturnNormalizer(retnorm_rate, retnorm_limit),
+            imag_horizon,
+            lam,
+            actor_entropy,
+        )
+        self.critic_loss = CriticLoss(
+            critic, SlowCritic(critic, slow_rate), slowreg, lam, world_model.horizon
+        )
+        self.repval = repval
+
+    @property
+    def slow_critic(self) -> SlowCritic:
+        return self.critic_loss.slow_critic
+
+    @property
+    def return_norm(self) -> ReturnNormalizer:
+        return self.actor_loss.return_norm
+
+    def compute(self, seq: Sequence) -> tuple[dict, dict, Tensor, Tensor]:
+        """Plain-tensor core: (unscaled per-item losses, metrics, deter, stoch)."""
+        losses, feat, deter, stoch, metrics = self.wm_loss.observe(seq)
+        b, t = deter.shape[:2]
+        img = self.actor_loss.imagine(deter.flatten(0, 1), stoch.flatten(0, 1))
+        losses["policy"], actor_metrics = self.actor_loss.policy_terms(img)
+        losses["value"] = self.critic_loss.value_terms(img)
+        if self.repval:
+            boot = img.ret[:, 0].view(b, t)
+            losses["repval"] = self.critic_loss.repval_terms(feat, seq, boot)
+        metrics.update(actor_metrics)
+        return losses, metrics, deter, stoch
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDict:
+        losses, metrics, deter, stoch = self.compute(self.sequence(tensordict))
+        out = _scaled(losses, self.scales)
+        for k, v in losses.items():
+            out.set(f"raw_{k}", v.mean().detach())
+        out.update(metrics)
+        out.set("deter", deter.detach())
+        out.set("stoch", stoch.detach())
+        return out
+
+
+def _scaled(losses: dict[str, Tensor], scales: dict[str, float]) -> TensorDict:
+    return TensorDict({f"loss_{k}": scales[k] * v.mean() for k, v in losses.items()})
+
+
+def total_loss(out: TensorDictBase) -> Tensor:
+    """Sum of the ``loss_*`` entries of a loss output."""
+    return sum(v for k, v in out.items() if isinstance(k, str) and k.startswith("loss_"))

@@ -1,0 +1,81 @@
+"""The reference optimiser: AGC → RMS scaling → momentum (LaProp), linear warmup.
+
+Per tensor: g ← g / max(1, ‖g‖ / (clip·max(pmin, ‖θ‖))) (adaptive gradient clipping);
+ν ← β2·ν + (1−β2)·g², u = g / (sqrt(ν / (1−β2^t)) + ε); μ ← β1·μ + (1−β1)·u;
+θ ← θ − lr_t · μ / (1−β1^t), lr_t = lr · min(1, (t−1)/warmup) (0 on the very first
+update, as optax's schedule is evaluated before its counter moves).
+All work is done with ``torch._foreach_*`` over the whole parameter list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+
+class LaProp(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 4e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-20,
+        agc: float = 0.3,
+        pmin: float = 1e-3,
+        warmup: int = 1000,
+    ):
+        if lr < 0 or eps < 0 or agc < 0:
+            raise ValueError(f"lr, eps and agc must be ≥ 0, got {lr}, {eps}, {agc}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, agc=agc, pmin=pmin, warmup=warmup)
+        super().__init__(params, defaults)
+
+    def _group_state(self, group: dict, params: list[Tensor]) -> tuple[list, list]:
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["nu"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["mu"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [self.state[p]["nu"] for p in params], [self.state[p]["mu"] for p in params]
+
+    def current_lr(self, group: dict) -> float:
+        done = group.get("step", 0)  # updates already applied before this one
+        warmup = group["warmup"]
+        return group["lr"] * (min(done, warmup) / warmup if warmup else 1.0)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            nu, mu = self._group_state(group, params)
+            if group["agc"]:
+                grads = _agc(params, grads, group["agc"], group["pmin"])
+            lr = self.current_lr(group)
+            group["step"] = group.get("step", 0) + 1
+            t = group["step"]
+            beta1, beta2 = group["betas"]
+            torch._foreach_mul_(nu, beta2)
+            torch._foreach_addcmul_(nu, grads, grads, value=1.0 - beta2)
+            denom = torch._foreach_div(nu, 1.0 - beta2**t)
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_lerp_(mu, torch._foreach_div(grads, denom), 1.0 - beta1)
+            if lr:
+                torch._foreach_add_(params, mu, alpha=-lr / (1.0 - beta1**t))
+        return loss
+
+
+def _agc(params: list[Tensor], grads: list[Tensor], clip: float, pmin: float) -> list[Tensor]:
+    """Adaptive gradient clipping, each tensor against its own parameter norm."""
+    gnorm = torch.stack(torch._foreach_norm(grads))
+    pnorm = torch.stack(torch._foreach_norm(params))
+    factor = 1.0 / torch.clamp(gnorm / (clip * torch.clamp(pnorm, min=pmin)), min=1.0)
+    return torch._foreach_mul(grads, list(factor.unbind()))

@@ -1,0 +1,173 @@
+"""Recurrent state-space model with the reference's block-GRU core.
+
+State: ``deter`` h [.., D] and ``stoch`` z [.., S, C] (S categoricals of C classes,
+one-hot). ``prior`` p(z | h) and ``post`` q(z | h, x) are logits [.., S, C] already mixed
+with ``unimix`` uniform (so they are log-probabilities). Shapes: B batch, T time,
+D deter, S stoch, C classes, A action dims, F token features, G blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .distributions import sample_onehot_st, unimix_logits
+from .nets import BlockLinear, HiddenLayer, Linear, make_norm
+
+
+class RSSM(nn.Module):
+    def __init__(
+        self,
+        action_dim: int,
+        token_dim: int,
+        deter: int = 512,
+        hidden: int = 64,
+        stoch: int = 32,
+        classes: int = 4,
+        blocks: int = 8,
+        unimix: float = 0.01,
+        norm: str = "rms",
+        imglayers: int = 2,
+        obslayers: int = 1,
+    ):
+        super().__init__()
+        if deter % blocks:
+            raise ValueError(f"deter={deter} must be divisible by blocks={blocks}")
+        self.deter, self.stoch, self.classes, self.blocks = deter, stoch, classes, blocks
+        self.unimix = unimix
+        # Core: deter, stoch and action each get their own layer; the concatenation is
+        # copied to every block beside that block's slice of deter.
+        self.dynin0 = HiddenLayer(deter, hidden, norm)
+        self.dynin1 = HiddenLayer(stoch * classes, hidden, norm)
+        self.dynin2 = HiddenLayer(action_dim, hidden, norm)
+        self.dynhid = BlockLinear(deter + 3 * hidden * blocks, deter, blocks)
+        self.dynhid_norm = make_norm(norm, deter)
+        self.dyngru = BlockLinear(deter, 3 * deter, blocks)
+        # Prior from deter alone; posterior from [deter, tokens].
+        sizes = [deter] + [hidden] * imglayers
+        self.prior_net = nn.Sequential(
+            *[HiddenLayer(a, b, norm) for a, b in zip(sizes[:-1], sizes[1:])]
+        )
+        self.prior_logit = Linear(hidden, stoch * classes)
+        sizes = [deter + token_dim] + [hidden] * obslayers
+        self.post_net = nn.ModuleList(
+            HiddenLayer(a, b, norm) for a, b in zip(sizes[:-1], sizes[1:])
+        )
+        self.post_logit = Linear(hidden, stoch * classes)
+
+    @property
+    def feat_dim(self) -> int:
+        return self.deter + self.stoch * self.classes
+
+    def initial(self, batch: int, device=None) -> tuple[Tensor, Tensor]:
+        """Zero state: deter [B, D], stoch [B, S, C]."""
+        deter = torch.zeros(batch, self.deter, device=device)
+        return deter, torch.zeros(batch, self.stoch, self.classes, device=device)
+
+    def core(self, deter: Tensor, stoch: Tensor, act_emb: Tensor) -> Tensor:
+        """Block-GRU step h' = f(h, z, a), with ``act_emb`` = dynin2(a) precomputed."""
+        n, g = deter.shape[0], self.blocks
+        x = torch.cat([self.dynin0(deter), self.dynin1(stoch.flatten(-2)), act_emb], -1)
+        x = torch.cat([deter.view(n, g, -1), x.unsqueeze(1).expand(n, g, x.shape[-1])], -1)
+        x = nn.functional.silu(self.dynhid_norm(self.dynhid(x.view(n, -1))))
+        gates = self.dyngru(x).view(n, g, 3, -1)
+        reset, cand, update = (gates[:, :, i].reshape(n, self.deter) for i in range(3))
+        cand = torch.tanh(torch.sigmoid(reset) * cand)
+        update = torch.sigmoid(update - 1.0)
+        return update * cand + (1.0 - update) * deter
+
+    def embed_action(self, action: Tensor) -> Tensor:
+        """dynin2(a / max(1, |a|)): large actions are squashed to magnitude ≤ 1."""
+        action = action / action.detach().abs().clamp(min=1.0)
+        return self.dynin2(action)
+
+    def prior(self, deter: Tensor) -> Tensor:
+        """Prior logits [.., S, C] (log-probs, unimixed) from deter [.., D]."""
+        logits = self.prior_logit(self.prior_net(deter))
+        return unimix_logits(logits.unflatten(-1, (self.stoch, self.classes)), self.unimix)
+
+    def _post_from_parts(self, deter: Tensor, token_part: Tensor) -> Tensor:
+        """Posterior logits from deter and the token half of the first layer's matmul."""
+        first = self.post_net[0]
+        w = first.linear.weight[:, : self.deter]
+        x = nn.functional.silu(first.norm(nn.functional.linear(deter, w) + token_part))
+        for layer in self.post_net[1:]:
+            x = layer(x)
+        logits = self.post_logit(x).unflatten(-1, (self.stoch, self.classes))
+        return unimix_logits(logits, self.unimix)
+
+    def _token_part(self, tokens: Tensor) -> Tensor:
+        """Token half of the posterior's first layer (bias included), for all steps at once."""
+        first = self.post_net[0].linear
+        return nn.functional.linear(tokens, first.weight[:, self.deter :], first.bias)
+
+    def observe(
+        self,
+        tokens: Tensor,
+        prev_action: Tensor,
+        is_first: Tensor,
+        deter: Tensor,
+        stoch: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Filter a sequence: tokens [B, T, F], prev_action [B, T, A], is_first [B, T].
+
+        At ``is_first`` the incoming deter, stoch and previous action are zeroed.
+        Returns deter [B, T, D], stoch [B, T, S, C] (one-hot samples, straight-through
+        gradients) and post logits [B, T, S, C].
+        """
+        keep = (~is_first).to(tokens.dtype)
+        act_emb = self.embed_action(prev_action * keep.unsqueeze(-1))
+        token_part = self._token_part(tokens)
+        deters, stochs, posts = [], [], []
+        for t in range(tokens.shape[1]):
+            k = keep[:, t].unsqueeze(-1)
+            deter = self.core(deter * k, stoch * k.unsqueeze(-1), act_emb[:, t])
+            post = self._post_from_parts(deter, token_part[:, t])
+            stoch = sample_onehot_st(post)
+            deters.append(deter)
+            stochs.append(stoch)
+            posts.append(post)
+        return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(posts, 1)
+
+    def obs_step(
+        self, deter: Tensor, stoch: Tensor, prev_action: Tensor, token: Tensor, is_first: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One filtering step for acting: [B, ...] in, (deter, stoch, post) out."""
+        out = self.observe(
+            token.unsqueeze(1), prev_action.unsqueeze(1), is_first.reshape(-1, 1), deter, stoch
+        )
+        return tuple(x.squeeze(1) for x in out)
+
+    def img_step(self, deter: Tensor, stoch: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
+        """One prior step: (deter', prior logits)."""
+        deter = self.core(deter, stoch, self.embed_action(action))
+        return deter, self.prior(deter)
+
+    def imagine(
+        self,
+        deter: Tensor,
+        stoch: Tensor,
+        policy: Callable[[Tensor], Tensor],
+        horizon: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Roll the prior forward ``horizon`` steps from N start states, acting with
+        ``policy(feat) -> action``. Runs without autograd: imagined features are
+        stop-gradient in the reference (ac_grads False), so no graph is needed.
+
+        Returns deter [N, H+1, D], stoch [N, H+1, S, C] (index 0 = start) and the
+        actions [N, H+1, A] taken at each of those states (the last one is sampled too,
+        as the reference does, though no step follows it).
+        """
+        with torch.no_grad():
+            deters, stochs, actions = [deter], [stoch], []
+            for _ in range(horizon):
+                action = policy(torch.cat([deter, stoch.flatten(-2)], -1))
+                deter, prior = self.img_step(deter, stoch, action)
+                stoch = sample_onehot_st(prior)
+                deters.append(deter)
+                stochs.append(stoch)
+                actions.append(action)
+            actions.append(policy(torch.cat([deter, stoch.flatten(-2)], -1)))
+            return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(actions, 1)

@@ -1,0 +1,290 @@
+"""The training loop, top to bottom: collect → store steps → update at the train ratio
+→ log, evaluate, checkpoint. Factories build each piece from the config.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tensordict import TensorDictBase
+from torchrl.collectors import Collector, MultiAsyncCollector
+from torchrl.envs import EnvBase, TransformedEnv
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+from tqdm import tqdm
+
+from .agent import DreamerV3Agent
+from .checkpoint import capture_rng, find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from .envs import make_env
+from .policy import ActingPolicy
+from .replay import StepReplay
+from .tracking import Tracker, flatten_config
+from .transforms import IncomingReward
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_agent(cfg: DictConfig, env: EnvBase, device: torch.device) -> DreamerV3Agent:
+    agent = DreamerV3Agent.from_specs(
+        env.observation_spec, env.action_spec, cfg.model, cfg.algo, cfg.env.get("obs_keys")
+    )
+    return agent.to(device)
+
+
+def make_policy(agent: DreamerV3Agent, action_spec, random: bool = False) -> ActingPolicy:
+    return ActingPolicy(
+        agent.world_model, agent.actor, action_spec, agent.obs_space.keys, random=random
+    )
+
+
+def acting_env(env_cfg: Mapping, seed: int, policy: ActingPolicy, render: bool = False) -> EnvBase:
+    """An env with the transforms acting needs: incoming reward and the recurrent primer."""
+    env = make_env(env_cfg, seed, render=render) if render else make_env(env_cfg, seed)
+    env = env if isinstance(env, TransformedEnv) else TransformedEnv(env)
+    env.append_transform(IncomingReward())
+    env.append_transform(policy.make_primer())
+    return env
+
+
+def make_collector(cfg: DictConfig, policy: ActingPolicy, seed: int):
+    """``Collector`` in this process, or ``MultiAsyncCollector`` over worker processes."""
+    env_cfg = OmegaConf.to_container(cfg.env, resolve=True)
+    workers = int(cfg.collector.num_workers)
+    fns = [functools.partial(acting_env, env_cfg, seed + i, policy) for i in range(workers)]
+    kwargs = dict(
+        frames_per_batch=int(cfg.collector.frames_per_batch),
+        total_frames=-1,
+        device=cfg.collector.device,
+        storing_device="cpu",
+        split_trajs=False,
+    )
+    if workers == 1:
+        return Collector(fns[0], policy, **kwargs)
+    return MultiAsyncCollector(fns, policy, **kwargs)
+
+
+class Trainer:
+    """Owns the agent, replay, collector, tracker and counters of one run."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str | Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        probe = make_env(cfg.env, cfg.seed)
+        self.agent = make_agent(cfg, probe, self.device)
+        self.action_spec = probe.action_spec
+        probe.close()
+        if cfg.compile.enabled:
+            self.agent.compile(mode=cfg.compile.mode)
+        t = cfg.train
+        self.replay = StepReplay(
+            cfg.replay.capacity,
+            t.batch_size,
+            t.seq_len + 1,
+            self.agent.obs_space.keys,
+            cfg.replay.storage,
+            str(self.run_dir / "replay_scratch"),
+            cfg.replay.device,
+        )
+        self.counters = {"env_steps": 0, "updates": 0, "episodes": 0, "updates_due": 0.0}
+        self.mlflow_run_id: str | None = None
+        self.returns: list[tuple[int, float]] = []  # (env step, eval return)
+
+    # ---- checkpoints ---------------------------------------------------------------
+    def meta(self) -> dict:
+        return {
+            "model": self.cfg.model.name,
+            "env": self.cfg.env.name,
+            "obs_keys": list(self.agent.obs_space.keys),
+            "action_dim": self.agent.action_dim,
+            "discrete": self.agent.discrete,
+            "params": self.agent.num_params(),
+        }
+
+    def state(self) -> dict:
+        return {
+            "agent": self.agent.state_dict(),
+            "optimizer": self.agent.optimizer.state_dict(),
+            "counters": dict(self.counters),
+            "replay": self.replay.state_dict(),
+            "rng": capture_rng(),
+            "meta": self.meta(),
+            "mlflow_run_id": self.mlflow_run_id,
+            "eval_returns": list(self.returns),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.run_dir,
+            self.state(),
+            replay_buffer=self.replay.buffer,
+            keep=int(self.cfg.train.keep_checkpoints),
+        )
+
+    def load(self, path: str | Path) -> None:
+        state = load_checkpoint(
+            find_checkpoint(str(path)),
+            expected_meta=self.meta(),
+            replay_buffer=self.replay.buffer,
+            map_location=self.device,
+        )
+        self.agent.load_state_dict(state["agent"])
+        self.agent.optimizer.load_state_dict(state["optimizer"])
+        self.counters.update(state["counters"])
+        self.replay.load_state_dict(state["replay"])
+        restore_rng(state["rng"])
+        self.mlflow_run_id = state.get("mlflow_run_id")
+        self.returns = [tuple(x) for x in state.get("eval_returns", [])]
+
+    # ---- one training step -----------------------------------------------------------
+    def update(self) -> TensorDictBase:
+        batch = self.replay.sample().to(self.device)
+        out = self.agent.update(batch)
+        self.replay.write_back(batch, out.get("deter"), out.get("stoch"))
+        self.counters["updates"] += 1
+        return out.exclude("deter", "stoch")
+
+    def updates_for(self, new_steps: int) -> int:
+        """Updates owed after ``new_steps`` more env steps: train_ratio / (B·T) per step."""
+        t = self.cfg.train
+        if len(self.replay) < t.train_start:
+            return 0
+        self.counters["updates_due"] += new_steps * t.train_ratio / (t.batch_size * t.seq_len)
+        due = math.floor(self.counters["updates_due"])
+        self.counters["updates_due"] -= due
+        return due
+
+    # ---- evaluation ------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, episodes: int, video: bool = False) -> tuple[dict, np.ndarray | None]:
+        env_cfg = OmegaConf.to_container(self.cfg.env, resolve=True)
+        policy = make_policy(self.agent, self.action_spec)
+        env = acting_env(env_cfg, int(self.cfg.seed) + 10_000, policy, render=video)
+        mode = ExplorationType.DETERMINISTIC if self.cfg.eval.greedy else ExplorationType.RANDOM
+        returns, lengths, frames = [], [], None
+        with set_exploration_type(mode):
+            for i in range(episodes):
+                td = env.rollout(100_000, policy, break_when_any_done=True)
+                returns.append(float(td.get(("next", "episode_reward"))[-1].sum()))
+                lengths.append(td.shape[0])
+                if video and i == 0 and "pixels" in td.keys():
+                    frames = td.get("pixels")[: self.cfg.eval.video_max_steps].numpy()
+        env.close()
+        metrics = {
+            "eval/return": float(np.mean(returns)),
+            "eval/return_std": float(np.std(returns)),
+            "eval/length": float(np.mean(lengths)),
+        }
+        return metrics, frames
+
+    # ---- the loop --------------------------------------------------------------------
+    def train(self, tracker: Tracker) -> dict:
+        cfg, t, c = self.cfg, self.cfg.train, self.counters
+        policy = make_policy(self.agent, self.action_spec, random=c["env_steps"] < t.random_steps)
+        collector = make_collector(cfg, policy, int(cfg.seed) + c["env_steps"])
+        bar = tqdm(
+            total=int(t.total_steps),
+            initial=c["env_steps"],
+            disable=not t.progress,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        sums: dict[str, torch.Tensor] = {}
+        nsum, last_return, t0, steps0 = 0, float("nan"), time.time(), c["env_steps"]
+        next_log = _next_multiple(c["env_steps"], t.log_every)
+        next_eval = _next_multiple(c["env_steps"], t.eval_every) if t.eval_every else math.inf
+        next_ckpt = _next_multiple(c["env_steps"], t.checkpoint_every)
+        status = "FINISHED"
+        try:
+            for batch in collector:
+                n = batch.numel()
+                self.replay.extend(batch.cpu())
+                c["env_steps"] += n
+                ends = batch.get(("next", "done")).reshape(-1)
+                if ends.any():
+                    rets = batch.get(("next", "episode_reward")).reshape(-1)[ends]
+                    c["episodes"] += int(ends.sum())
+                    last_return = float(rets[-1])
+                    tracker.log_metrics(
+                        {"train/episode_return": float(rets.mean())}, c["env_steps"]
+                    )
+                for _ in range(self.updates_for(n)):
+                    out = self.update()
+                    for k, v in out.items():
+                        sums[k] = sums[k] + v if k in sums else v.clone()
+                    nsum += 1
+                if policy.random and c["env_steps"] >= t.random_steps:
+                    policy.random = False
+                collector.update_policy_weights_()
+                fps = (c["env_steps"] - steps0) / max(time.time() - t0, 1e-9)
+                bar.update(n)
+                bar.set_postfix(updates=c["updates"], fps=f"{fps:.1f}", ret=f"{last_return:.1f}")
+                if c["env_steps"] >= next_log:
+                    logged = {f"train/{k}": v / nsum for k, v in sums.items()} if nsum else {}
+                    logged.update(
+                        {
+                            "perf/fps": fps,
+                            "perf/updates": c["updates"],
+                            "perf/episodes": c["episodes"],
+                            "perf/replay": len(self.replay),
+                        }
+                    )
+                    tracker.log_metrics(logged, c["env_steps"])
+                    sums, nsum, next_log = {}, 0, next_log + t.log_every
+                if c["env_steps"] >= next_eval:
+                    self._eval_and_log(tracker, video=False)
+                    next_eval += t.eval_every
+                if c["env_steps"] >= next_ckpt:
+                    self.save()
+                    next_ckpt += t.checkpoint_every
+                if c["env_steps"] >= t.total_steps:
+                    break
+        except KeyboardInterrupt:
+            status = "KILLED"
+            bar.write("Interrupted: saving a checkpoint before exit…")
+        finally:
+            collector.shutdown()
+            bar.close()
+        path = self.save()
+        if status == "FINISHED":
+            self._eval_and_log(tracker, video=bool(cfg.eval.video))
+        tracker.log_artifact(str(path / "meta.json"), "checkpoints")
+        return {"status": status, "checkpoint": str(path), **self.counters}
+
+    def _eval_and_log(self, tracker: Tracker, video: bool) -> None:
+        metrics, frames = self.evaluate(int(self.cfg.train.eval_episodes), video=video)
+        step = self.counters["env_steps"]
+        self.returns.append((step, metrics["eval/return"]))
+        tracker.log_metrics(metrics, step)
+        if frames is not None:
+            tracker.log_video(frames, "eval_video.mp4")
+        tqdm.write(
+            f"[eval] step {step}: return {metrics['eval/return']:.1f} "
+            f"± {metrics['eval/return_std']:.1f} over {self.cfg.train.eval_episodes} episodes"
+        )
+
+
+def _next_multiple(x: int, every: int) -> float:
+    return (x // every + 1) * every if every else math.inf
+
+
+def config_params(cfg: DictConfig) -> dict:
+    return flatten_config(OmegaConf.to_container(cfg, resolve=True))
+
+
+def install_sigterm_as_interrupt() -> None:
+    """Treat SIGTERM like Ctrl-C so a killed run still leaves a checkpoint."""
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
