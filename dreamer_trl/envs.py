@@ -9,6 +9,8 @@ expects, whatever the suite:
   bounds, out-of-range values clipped first); discrete → float32 ``OneHot`` [n].
 - ``"reward"`` float32 [1]; ``"terminated"``, ``"truncated"``, ``"done"`` kept apart: time limits
   are truncation, never termination. Plus ``"is_init"``, ``"step_count"``, ``"episode_reward"``.
+- With ``render=True`` only: ``"render"``, uint8 [3, S, S] (S = ``render_size``), the current
+  frame as a person would watch it, for eval videos. The agent never reads it.
 
 Suites: ``gym`` (gymnasium ids), ``dmc`` (``domain-task``, e.g. ``ball_in_cup-catch``) and
 ``atari`` (ALE game ids such as ``pong``, preprocessed the way DreamerV3's Atari100k runs are).
@@ -17,9 +19,10 @@ Suites: ``gym`` (gymnasium ids), ``dmc`` (``domain-task``, e.g. ``ball_in_cup-ca
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gymnasium as gym
@@ -61,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "noop_max": 30,
     "sticky": False,
     "grayscale": False,
+    "render_size": 128,
 }
 
 # DreamerV3 (and Machado et al. 2018) cap an Atari episode at 108k frames = 30 min of play.
@@ -71,16 +75,23 @@ SUPPORTED_SPACES = "Box vectors, uint8 HxWxC images, Discrete or Box actions"
 
 
 def make_env(
-    cfg: Mapping[str, Any], seed: int | None = None, device: str | torch.device = "cpu"
+    cfg: Mapping[str, Any],
+    seed: int | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    render: bool = False,
 ) -> TransformedEnv:
     """Build one environment described by ``cfg`` (a dict or omegaconf DictConfig).
 
     Fields: ``suite``, ``task`` (required); ``name``, ``from_pixels``, ``image_size``,
-    ``action_repeat``, ``max_episode_steps``, ``noop_max``, ``sticky``, ``grayscale`` (optional,
-    see ``DEFAULTS``). ``seed`` seeds the env. Raises ``ValueError`` with one clear line for an
-    unknown suite or task and for observation/action spaces the agent does not support.
+    ``action_repeat``, ``max_episode_steps``, ``noop_max``, ``sticky``, ``grayscale``,
+    ``render_size`` (optional, see ``DEFAULTS``). ``seed`` seeds the env. ``render=True`` adds
+    ``"render"`` (see the module docstring; every other key and spec is unchanged). Raises
+    ``ValueError`` with one clear line for an unknown suite or task and for observation/action
+    spaces the agent does not support.
     """
     opts = _options(cfg)
+    opts["render"] = bool(render)
     builders = {"gym": _build_gym, "dmc": _build_dmc, "atari": _build_atari}
     base, transforms = builders[opts["suite"]](opts, seed, torch.device(device))
     env = TransformedEnv(base)
@@ -119,7 +130,7 @@ def _build_gym(
 ) -> tuple[EnvBase, list[Transform]]:
     task = opts["task"]
     _check_gym_id(task)
-    env = gym.make(task)
+    env = _make_gym(task, opts["render"])
     try:
         obs_kind = _check_gym_spaces(env, task)
         if opts["from_pixels"] and obs_kind != "image":
@@ -127,6 +138,7 @@ def _build_gym(
                 f"from_pixels=True needs a gym env with image observations; {task!r} gives "
                 f"{env.observation_space} (use suite 'dmc' for rendered control tasks)"
             )
+        render = _gym_render_transforms(env, task, obs_kind, opts)
     except ValueError:
         env.close()
         raise
@@ -135,7 +147,40 @@ def _build_gym(
         obs = _image_transforms(base, opts)
     else:
         obs = _vector_transforms(env.observation_space)
-    return base, [DoubleToFloat(), *obs, *_action_transforms(env.action_space)]
+    return base, [DoubleToFloat(), *obs, *render, *_action_transforms(env.action_space)]
+
+
+def _make_gym(task: str, render: bool) -> gym.Env:
+    if render:
+        try:
+            return gym.make(task, render_mode="rgb_array")
+        except TypeError:  # an env whose constructor takes no render_mode
+            pass
+    return gym.make(task)
+
+
+def _gym_render_transforms(
+    env: gym.Env, task: str, obs_kind: str, opts: dict[str, Any]
+) -> list[Transform]:
+    """``RenderFrame`` from ``env.render()``, or from the observed image if it cannot render."""
+    if not opts["render"]:
+        return []
+    size = int(opts["render_size"])
+    if env.render_mode == "rgb_array" and "rgb_array" in env.metadata.get("render_modes", ()):
+        return [RenderFrame(functools.partial(_gym_frame, env, task), size)]
+    if obs_kind == "image":
+        return [RenderFrame("pixels", size)]
+    raise ValueError(
+        f"render=True needs a gym env that renders 'rgb_array' frames or observes images; "
+        f"{task!r} does neither (render modes {env.metadata.get('render_modes')})"
+    )
+
+
+def _gym_frame(env: gym.Env, task: str) -> np.ndarray:
+    try:
+        return env.render()
+    except gym.error.DependencyNotInstalled as err:
+        raise ValueError(f"render=True: {task!r} cannot render: {err}") from None
 
 
 def _check_gym_id(task: str) -> None:
@@ -307,12 +352,15 @@ def _build_dmc(
         raise ValueError("dmc quadruped needs numpy<2.4 with dm_control 1.0.28 (np.in1d)")
     dm_env = suite.load(domain, task, task_kwargs={"random": seed})
     base = DMControlWrapper(dm_env, frame_skip=int(opts["action_repeat"]), device=device)
+    camera = DMC_CAMERAS.get(domain, 0)
     if opts["from_pixels"]:
-        size, camera = int(opts["image_size"]), DMC_CAMERAS.get(domain, 0)
         state_keys = list(base.observation_spec.keys())
-        obs = [RenderPixels(dm_env.physics, size, camera), ExcludeTransform(*state_keys)]
+        pixels = RenderPixels(dm_env.physics, opts["image_size"], camera)
+        obs = [pixels, ExcludeTransform(*state_keys)]
     else:
         obs = _dmc_state_transforms(base.observation_spec)
+    if opts["render"]:
+        obs.append(RenderPixels(dm_env.physics, opts["render_size"], camera, out_key="render"))
     # DoubleToFloat first: dm_control gives float64 observations, rewards and action bounds.
     return base, [DoubleToFloat(), *obs, *_continuous_action_transforms()]
 
@@ -331,24 +379,44 @@ def _dmc_state_transforms(spec: Composite) -> list[Transform]:
     return [*flatten, CatTensors(in_keys=keys, out_key="observation", sort=False)]
 
 
-class RenderPixels(Transform):
-    """Render a dm_control physics into ``"pixels"`` (uint8 [C, H, W]) at reset and per step.
+class RenderFrame(Transform):
+    """Write a frame, uint8 [3, size, size], under ``out_key`` at reset and after each step.
 
-    Why not ``DMControlEnv(from_pixels=True)``: its pixel wrapper renders on every inner step of
-    the action-repeat loop, and (software EGL) rendering is the dominant cost; the reference
-    renders once per agent step, at the target size, as this transform does.
+    ``source`` is either a callable returning the current frame as an HxWxC uint8 array (a gym
+    env's ``render``, ALE's ``getScreenRGB``, a dm_control ``physics.render``), or the key of a
+    channel-first uint8 image already in the output (an env that cannot render is shown as the
+    agent sees it). Frames are resized with `resize_image` (a no-op at the right size) and gray
+    ones repeated to RGB. No other key or spec is touched.
+
+    Why not torchrl's ``PixelRenderTransform``: to infer its spec it resets the env (one more
+    reset than asked for: it shifts seeded episodes) and declares the frame ``Unbounded``.
     """
 
-    def __init__(self, physics: Any, size: int, camera_id: int = 0) -> None:
-        super().__init__(in_keys=[], out_keys=["pixels"])
-        self._physics = physics
+    def __init__(
+        self,
+        source: Callable[[], np.ndarray] | str,
+        size: int,
+        out_key: str = "render",
+    ) -> None:
+        super().__init__(in_keys=[], out_keys=[out_key])
+        self.source = source
         self.size = int(size)
-        self.camera_id = int(camera_id)
+
+    def _frame(self, tensordict: TensorDictBase) -> torch.Tensor:
+        if callable(self.source):
+            array = self.source()
+            if array is None:
+                raise ValueError(f"{type(self).__name__}: the render source returned no frame")
+            image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+        else:
+            image = tensordict.get(self.source).cpu()
+        if image.shape[-3] == 1:
+            image = image.expand(3, -1, -1)
+        return resize_image(image, self.size).contiguous()
 
     def _render(self, tensordict: TensorDictBase) -> TensorDictBase:
-        frame = self._physics.render(self.size, self.size, camera_id=self.camera_id)
-        pixels = torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1)))
-        return tensordict.set("pixels", pixels.to(tensordict.device or "cpu"))
+        frame = self._frame(tensordict)
+        return tensordict.set(self.out_keys[0], frame.to(tensordict.device or "cpu"))
 
     def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
         return self._render(next_tensordict)
@@ -360,8 +428,25 @@ class RenderPixels(Transform):
 
     def transform_observation_spec(self, observation_spec: Composite) -> Composite:
         shape = (3, self.size, self.size)
-        observation_spec["pixels"] = _image_spec(shape, observation_spec.device)
+        observation_spec[self.out_keys[0]] = _image_spec(shape, observation_spec.device)
         return observation_spec
+
+
+class RenderPixels(RenderFrame):
+    """Render a dm_control physics into ``"pixels"`` (uint8 [3, H, W]) at reset and per step.
+
+    Why not ``DMControlEnv(from_pixels=True)``: its pixel wrapper renders on every inner step of
+    the action-repeat loop, and (software EGL) rendering is the dominant cost; the reference
+    renders once per agent step, at the target size, as this transform does.
+    """
+
+    def __init__(
+        self, physics: Any, size: int, camera_id: int = 0, out_key: str = "pixels"
+    ) -> None:
+        size, camera_id = int(size), int(camera_id)
+        render = functools.partial(physics.render, size, size, camera_id=camera_id)
+        super().__init__(render, size, out_key)
+        self.camera_id = camera_id
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +484,10 @@ def _build_atari(
         noop_max=int(opts["noop_max"]),
     )
     base = GymWrapper(env, device=device)
-    return base, [*_image_transforms(base, opts), *_action_transforms(env.action_space)]
+    # The last raw RGB screen (before pooling, resizing and graying), whatever ``grayscale``.
+    render = [RenderFrame(ale.ale.getScreenRGB, opts["render_size"])] if opts["render"] else []
+    obs = _image_transforms(base, opts)
+    return base, [*obs, *render, *_action_transforms(env.action_space)]
 
 
 class AtariPreprocess(gym.Wrapper):

@@ -430,3 +430,15 @@ def _clean_run(run: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     xs, ys = np.asarray(sorted(pairs)).T
     return xs, ys
+
+
+def run_dir_of(run_id: str, tracking_uri: str | None = None) -> str | None:
+    """The ``run_dir`` tag of an MLflow run (set by the training pipeline), or None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    try:
+        return client.get_run(run_id).data.tags.get("run_dir")
+    except MlflowException:
+        return None

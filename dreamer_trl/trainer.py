@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import shutil
 import signal
 import time
 from collections.abc import Mapping
@@ -50,7 +52,7 @@ def make_policy(agent: DreamerV3Agent, action_spec, random: bool = False) -> Act
 
 def acting_env(env_cfg: Mapping, seed: int, policy: ActingPolicy, render: bool = False) -> EnvBase:
     """An env with the transforms acting needs: incoming reward and the recurrent primer."""
-    env = make_env(env_cfg, seed, render=render) if render else make_env(env_cfg, seed)
+    env = make_env(env_cfg, seed, render=render)
     env = env if isinstance(env, TransformedEnv) else TransformedEnv(env)
     env.append_transform(IncomingReward())
     env.append_transform(policy.make_primer())
@@ -95,7 +97,7 @@ class Trainer:
             t.seq_len + 1,
             self.agent.obs_space.keys,
             cfg.replay.storage,
-            str(self.run_dir / "replay_scratch"),
+            str(fresh_scratch_dir(self.run_dir)),
             cfg.replay.device,
         )
         self.counters = {"env_steps": 0, "updates": 0, "episodes": 0, "updates_due": 0.0}
@@ -170,6 +172,13 @@ class Trainer:
     # ---- evaluation ------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, episodes: int, video: bool = False) -> tuple[dict, np.ndarray | None]:
+        """Run ``episodes`` eval episodes; return their metrics and, with ``video``, frames.
+
+        Frames: the first episode as uint8 [T, C, H, W] numpy from ``"render"`` (every suite
+        renders, see ``make_env``), else ``"pixels"``, final observation included, at most
+        ``eval.video_max_steps``. Rendering stops after that episode. Per-episode returns and
+        lengths are kept in ``self.last_eval``.
+        """
         env_cfg = OmegaConf.to_container(self.cfg.env, resolve=True)
         policy = make_policy(self.agent, self.action_spec)
         env = acting_env(env_cfg, int(self.cfg.seed) + 10_000, policy, render=video)
@@ -180,9 +189,19 @@ class Trainer:
                 td = env.rollout(100_000, policy, break_when_any_done=True)
                 returns.append(float(td.get(("next", "episode_reward"))[-1].sum()))
                 lengths.append(td.shape[0])
-                if video and i == 0 and "pixels" in td.keys():
-                    frames = td.get("pixels")[: self.cfg.eval.video_max_steps].numpy()
+                if not (video and i == 0):
+                    continue
+                key = next((k for k in ("render", "pixels") if k in td.keys()), None)
+                if key is not None:
+                    seq = torch.cat([td.get(key), td.get(("next", key))[-1:]])
+                    frames = seq[: int(self.cfg.eval.video_max_steps)].cpu().numpy()
+                # Later episodes need no frames: drop the renderer, it costs a render per step.
+                for index in reversed(range(len(env.transform))):
+                    if "render" in env.transform[index].out_keys:
+                        env.transform.pop(index)
+                env.empty_cache()  # specs are cached on the env, not only on the transforms
         env.close()
+        self.last_eval = {"returns": returns, "lengths": lengths}
         metrics = {
             "eval/return": float(np.mean(returns)),
             "eval/return_std": float(np.std(returns)),
@@ -275,6 +294,19 @@ class Trainer:
             f"[eval] step {step}: return {metrics['eval/return']:.1f} "
             f"± {metrics['eval/return_std']:.1f} over {self.cfg.train.eval_episodes} episodes"
         )
+
+
+def fresh_scratch_dir(run_dir: Path) -> Path:
+    """A new memmap dir for the live replay; older ones (from before a resume) go.
+
+    TorchRL cannot load a dumped buffer into a scratch dir that already holds files.
+    """
+    root = run_dir / "replay_scratch"
+    if root.exists():
+        shutil.rmtree(root)
+    path = root / f"{os.getpid()}_{time.time_ns()}"
+    path.mkdir(parents=True)
+    return path
 
 
 def _next_multiple(x: int, every: int) -> float:

@@ -71,7 +71,6 @@ def main(argv: list[str]) -> int:
     trainer.mlflow_run_id = tracker.run_id
     if not resume:
         tracker.log_params(config_params(cfg))
-        tracker.set_tags({"run_dir": str(run_dir.resolve())})
         tracker.log_artifact(run_dir / "config.yaml")
     print(
         f"run dir {run_dir} | mlflow run {tracker.run_id} | {trainer.agent.num_params():,} "

@@ -306,6 +306,66 @@ def test_gym_matrix_observation_is_flattened():
 
 
 # ---------------------------------------------------------------------------------------------
+# render=True: a "render" frame for eval videos, nothing else changed
+
+
+def check_render(cfg, steps: int = 6, size: int = 128, action=None) -> torch.Tensor:
+    """Rollouts with and without render=True match except for "render" [3, size, size] uint8,
+    whose frames (reset + each step) change over the rollout. Returns the frames [T+1, ...]."""
+    env, plain = make_env(cfg, seed=0, render=True), make_env(cfg, seed=0)
+    assert env.observation_spec["render"] == Bounded(0, 255, (3, size, size), dtype=torch.uint8)
+    spec = env.observation_spec.clone()
+    del spec["render"]
+    assert spec == plain.observation_spec
+    torch.manual_seed(0)
+    actions = [plain.action_spec.rand() if action is None else action for _ in range(steps)]
+    out = env.rollout(steps, actions=actions, break_when_any_done=False)
+    ref = plain.rollout(steps, actions=actions, break_when_any_done=False)
+    assert (out.exclude("render", ("next", "render")) == ref).all()
+    frames = torch.cat([out["render"], out["next", "render"][-1:]])
+    assert frames.dtype == torch.uint8 and frames.shape == (steps + 1, 3, size, size)
+    assert torch.equal(out["render"][1:], out["next", "render"][:-1])
+    assert not torch.equal(frames[0], frames[-1])
+    return frames
+
+
+@pytest.mark.parametrize("name, action", [("cartpole", [0.0, 1.0]), ("pendulum", [1.0])])
+def test_render_gym(name, action):
+    check_render(load(name), steps=8, action=torch.tensor(action))  # a steady push moves it
+
+
+def test_render_gym_size_and_fallback():
+    push = torch.tensor([0.0, 1.0])
+    check_render(load("cartpole", render_size=64), steps=8, action=push, size=64)
+    # An image env that cannot render shows its observations; a vector one cannot be rendered.
+    env = make_env(toy("Gray32"), seed=0, render=True)
+    td = env.rollout(2)
+    assert td["render"].shape == (2, 3, 128, 128) and td["render"].dtype == torch.uint8
+    assert torch.equal(td["next", "render"][:, 0], resize_image(td["next", "pixels"], 128)[:, 0])
+    with pytest.raises(ValueError, match=r"render=True needs a gym env that renders"):
+        make_env(toy("Matrix"), render=True)
+
+
+def test_render_dmc():
+    check_render(load("dmc_cartpole"), steps=4)
+    # Same camera as the agent's pixels: at the same size the frames are identical.
+    env = make_env(load("dmc_walker_vision", render_size=64), seed=0, render=True)
+    td = env.rollout(3)
+    assert torch.equal(td["render"], td["pixels"]) and td["render"].shape == (3, 3, 64, 64)
+
+
+def test_render_atari():
+    frames = check_render(load("atari_pong", grayscale=True), steps=12)
+    # The raw RGB screen (not the pooled gray 64x64 observation), resized.
+    ale = make_env(load("atari_pong"), seed=0, render=True)
+    td = ale.rollout(3)
+    screen = ale.base_env._env.unwrapped.ale.getScreenRGB()
+    expected = resize_image(torch.from_numpy(screen).permute(2, 0, 1), 128)
+    assert torch.equal(td["next", "render"][-1], expected)
+    assert frames.shape[1] == 3  # RGB even when the agent sees gray
+
+
+# ---------------------------------------------------------------------------------------------
 # errors
 
 
