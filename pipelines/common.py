@@ -67,12 +67,12 @@ def _first_bad_key(cfg: DictConfig, overrides: list[str]) -> str | None:
 
 
 def run_cli(main, argv: list[str] | None = None) -> int:
-    """Call ``main(overrides)`` and turn ConfigError/ValueError into a one-line exit 2."""
+    """Call ``main(overrides)``; bad input (config, checkpoint, env spec) exits 2 with one line."""
     from dreamer_trl.checkpoint import CheckpointError
 
     argv = sys.argv[1:] if argv is None else argv
     try:
         return main(argv) or 0
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
