@@ -37,17 +37,14 @@ def obs_space_from_spec(spec: Composite, keys: list[str] | None = None) -> ObsSp
         if key not in spec.keys():
             raise ValueError(f"observation key {key!r} not in the env spec {sorted(spec.keys())}")
         leaf = spec[key]
-        shape, dtype = (
-            tuple(leaf.shape[-3:] if leaf.dtype == torch.uint8 else leaf.shape),
-            leaf.dtype,
-        )
-        if dtype == torch.uint8 and len(leaf.shape) >= 3 and leaf.shape[-3] in (1, 3, 4):
-            images[key] = tuple(int(s) for s in leaf.shape[-3:])
-        elif dtype.is_floating_point and len(leaf.shape) >= 1:
-            vectors[key] = int(leaf.shape[-1])
+        event, dtype = tuple(leaf.shape[len(spec.shape) :]), leaf.dtype  # drop env batch dims
+        if dtype == torch.uint8 and len(event) == 3 and event[0] in (1, 3, 4):
+            images[key] = tuple(int(s) for s in event)
+        elif dtype.is_floating_point and len(event) == 1:
+            vectors[key] = int(event[0])
         else:
             raise ValueError(
-                f"observation {key!r} has unsupported spec (dtype {dtype}, shape {shape}); "
+                f"observation {key!r} has unsupported spec (dtype {dtype}, shape {event}); "
                 "supported: float vectors [F] and uint8 images [C, H, W] with C in 1, 3, 4"
             )
     return ObsSpace(vectors, images)

@@ -59,25 +59,47 @@ def twohot_encode(target: Tensor, bins: Tensor) -> Tensor:
     return out.scatter_add(-1, above.unsqueeze(-1), weight_above)
 
 
-def twohot_decode(logits: Tensor, bins: Tensor) -> Tensor:
+def twohot_decode(logits: Tensor, bins: Tensor, symmetric: bool | None = None) -> Tensor:
     """Expected value Σ p_k · b_k of a two-hot head, [..., K] → [...].
 
-    The two halves are summed from the outside in, mirrored, so symmetric bins under a
-    uniform distribution give exactly 0 (a left-to-right sum would not).
+    ``symmetric`` bins (b_{K-1-i} = -b_i, as :func:`twohot_bins` makes) subtract mirrored
+    probabilities before weighting — the reference sums the halves symmetrically — so a
+    uniform distribution decodes to exactly 0 (a left-to-right sum would not). ``None``
+    checks the bins (pass the answer on hot paths).
     """
     probs = torch.softmax(logits, -1)
     num = bins.shape[0]
-    weighted = probs * bins
-    if num % 2 == 1:
-        m = (num - 1) // 2
-        return weighted[..., m] + (weighted[..., :m].flip(-1) + weighted[..., m + 1 :]).sum(-1)
-    m = num // 2
-    return (weighted[..., :m].flip(-1) + weighted[..., m:]).sum(-1)
+    if symmetric is None:
+        symmetric = bool(torch.equal(bins, -bins.flip(0)))
+    if symmetric:
+        half = num // 2
+        folded = probs[..., num - half :] - probs[..., :half].flip(-1)
+        return folded @ bins[num - half :]
+    return probs @ bins
 
 
 def twohot_loss(logits: Tensor, target: Tensor, bins: Tensor) -> Tensor:
     """Cross-entropy of the two-hot encoding of ``target`` under ``logits``, [...]."""
-    return -(twohot_encode(target.detach(), bins) * torch.log_softmax(logits, -1)).sum(-1)
+    return twohot_nll(torch.log_softmax(logits, -1), target, bins)
+
+
+def twohot_nll(logp: Tensor, target: Tensor, bins: Tensor) -> Tensor:
+    """Two-hot cross-entropy from log-probabilities [..., K], without building the
+    [..., K] target: the two bins around ``target`` are found by binary search and
+    their log-probabilities gathered. Same weights as :func:`twohot_encode`."""
+    target = target.detach()
+    num = bins.shape[0]
+    above = torch.searchsorted(bins, target.contiguous(), right=True)
+    below = (above - 1).clamp(0, num - 1)
+    above = above.clamp(0, num - 1)
+    dist_below = (bins[below] - target).abs()
+    dist_above = (bins[above] - target).abs()
+    total = dist_below + dist_above
+    equal = below == above
+    weight_below = torch.where(equal, 1.0, dist_above / torch.where(equal, 1.0, total))
+    logp_below = logp.gather(-1, below.unsqueeze(-1)).squeeze(-1)
+    logp_above = logp.gather(-1, above.unsqueeze(-1)).squeeze(-1)
+    return -(weight_below * logp_below + (1.0 - weight_below) * logp_above)
 
 
 def lambda_return(

@@ -16,7 +16,7 @@ from .distributions import (
     normal_log_prob,
     sample_onehot,
 )
-from .functional import symexp, symlog, twohot_bins, twohot_decode, twohot_loss
+from .functional import symexp, symlog, twohot_bins, twohot_decode, twohot_nll
 from .nets import MLP, Linear
 
 
@@ -50,13 +50,17 @@ class TwoHotHead(nn.Module):
 
     def predict(self, logits: Tensor) -> Tensor:
         """Expected value in raw units, [...]."""
-        value = twohot_decode(logits, self.bins)
+        value = twohot_decode(logits, self.bins, symmetric=True)
         return symexp(value) if self.symlog_space else value
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         """Two-hot cross-entropy to ``target`` (raw units), [...]."""
+        return self.nll(torch.log_softmax(logits, -1), target)
+
+    def nll(self, logp: Tensor, target: Tensor) -> Tensor:
+        """:meth:`loss` from log-probabilities, to share one log-softmax across targets."""
         target = symlog(target) if self.symlog_space else target
-        return twohot_loss(logits, target, self.bins)
+        return twohot_nll(logp, target, self.bins)
 
 
 class BinaryHead(nn.Module):

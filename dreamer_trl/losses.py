@@ -41,7 +41,7 @@ class Imagination:
     """An imagined rollout from N start states, with its λ-returns. [N, H+1] / [N, H]."""
 
     feat: Tensor  # [N, H+1, E], stop-gradient
-    action: Tensor  # [N, H+1, A]
+    action: Tensor  # [N, H, A], taken at states 0..H-1
     reward: Tensor  # [N, H+1]
     cont: Tensor  # [N, H+1] predicted continue probability (the discount)
     value: Tensor  # [N, H+1] critic estimate (no grad)
@@ -124,8 +124,17 @@ class ActorLoss(LossModule):
 
     def imagine(self, deter: Tensor, stoch: Tensor) -> Imagination:
         wm = self.world_model
+        params = []
+
+        def policy(feat: Tensor) -> Tensor:
+            # The actor's output keeps its graph (for the policy loss) while the dynamics
+            # around it run without one; this avoids a second actor pass over [N, H].
+            with torch.enable_grad():
+                params.append(self.actor(feat))
+            return self.actor.sample(params[-1].detach())
+
         deters, stochs, action = wm.rssm.imagine(
-            deter.detach(), stoch.detach(), self.actor.act, self.horizon
+            deter.detach(), stoch.detach(), policy, self.horizon, final_action=False
         )
         feat = torch.cat([deters, stochs.flatten(-2)], -1)
         with torch.no_grad():
@@ -135,15 +144,16 @@ class ActorLoss(LossModule):
         value = self.critic.predict(value_logits).detach()
         weight = torch.cumprod(cont, 1)
         ret = lambda_return(reward, cont, value, self.lam)
-        return Imagination(
-            feat, action, reward, cont, value, weight, ret, {"value_logits": value_logits}
-        )
+        extra = {"value_logits": value_logits, "actor_params": torch.stack(params, 1)}
+        return Imagination(feat, action, reward, cont, value, weight, ret, extra)
 
     def policy_terms(self, img: Imagination, update_norm: bool = True):
         scale = self.return_norm(img.ret, update=update_norm)
         adv = (img.ret - img.value[:, :-1]) / scale
-        params = self.actor(img.feat[:, :-1])
-        logpi = self.actor.log_prob(params, img.action[:, :-1])
+        params = img.extra.get("actor_params")
+        if params is None:  # an Imagination built elsewhere: one actor pass over [N, H]
+            params = self.actor(img.feat[:, :-1])
+        logpi = self.actor.log_prob(params, img.action[:, : params.shape[1]])
         ent = self.actor.entropy(params)
         weight = img.weight[:, :-1]
         loss = weight * -(logpi * adv.detach() + self.entropy * ent)
@@ -193,7 +203,8 @@ class CriticLoss(LossModule):
     def _regressed(self, logits: Tensor, feat: Tensor, target: Tensor) -> Tensor:
         with torch.no_grad():
             slow = self.slow_critic.predict(self.slow_critic(feat.detach()))
-        return self.critic.loss(logits, target) + self.slowreg * self.critic.loss(logits, slow)
+        logp = torch.log_softmax(logits, -1)
+        return self.critic.nll(logp, target) + self.slowreg * self.critic.nll(logp, slow)
 
     def value_terms(self, img: Imagination) -> Tensor:
         """Per-start imagined value loss, [N]."""

@@ -133,7 +133,8 @@ class ConvEncoder(nn.Module):
         self.norms = nn.ModuleList(ChannelNorm(norm, c) for c in chans[1:])
         res = size // 2 ** len(mults)
         if not 3 <= res <= 16:
-            raise ValueError(f"image size {size} gives a {res}×{res} map; use 32–256 pixels")
+            lo, hi = 3 * 2 ** len(mults), 16 * 2 ** len(mults)
+            raise ValueError(f"image size {size} gives a {res}×{res} map; use {lo}–{hi} pixels")
         self.out_features = chans[-1] * res * res
 
     def forward(self, img: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .distributions import sample_onehot_st, unimix_logits
+from .distributions import sample_onehot, sample_onehot_st, unimix_logits
 from .nets import BlockLinear, HiddenLayer, Linear, make_norm
 
 
@@ -151,23 +151,26 @@ class RSSM(nn.Module):
         stoch: Tensor,
         policy: Callable[[Tensor], Tensor],
         horizon: int,
+        final_action: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Roll the prior forward ``horizon`` steps from N start states, acting with
-        ``policy(feat) -> action``. Runs without autograd: imagined features are
-        stop-gradient in the reference (ac_grads False), so no graph is needed.
+        ``policy(feat) -> action``. The dynamics run without autograd: imagined features
+        are stop-gradient in the reference (ac_grads False), so no graph is needed.
 
         Returns deter [N, H+1, D], stoch [N, H+1, S, C] (index 0 = start) and the
-        actions [N, H+1, A] taken at each of those states (the last one is sampled too,
-        as the reference does, though no step follows it).
+        actions taken at those states, [N, H+1, A] — or [N, H, A] without
+        ``final_action`` (the reference samples one at the last state too, though no
+        step follows it and no loss reads it).
         """
         with torch.no_grad():
             deters, stochs, actions = [deter], [stoch], []
             for _ in range(horizon):
                 action = policy(torch.cat([deter, stoch.flatten(-2)], -1))
                 deter, prior = self.img_step(deter, stoch, action)
-                stoch = sample_onehot_st(prior)
+                stoch = sample_onehot(prior)
                 deters.append(deter)
                 stochs.append(stoch)
                 actions.append(action)
-            actions.append(policy(torch.cat([deter, stoch.flatten(-2)], -1)))
+            if final_action:
+                actions.append(policy(torch.cat([deter, stoch.flatten(-2)], -1)))
             return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(actions, 1)

@@ -165,12 +165,6 @@ def test_missing_or_unknown_observation_keys_rejected():
         obs_space_from_spec(spec, ["nope"])
 
 
-@pytest.mark.xfail(
-    reason="BUG: agent.py obs_space_from_spec accepts any float entry with ndim >= 1 as a "
-    "vector of its last dim, so a float [3, 64, 64] (e.g. ToTensorImage pixels) becomes a "
-    "64-dim 'vector' and the update crashes later in the RSSM with a shape error",
-    strict=True,
-)
 def test_float_multidim_observation_rejected():
     spec = Composite(pixels=Unbounded(shape=(3, 64, 64)))
     with pytest.raises(ValueError, match="pixels"):

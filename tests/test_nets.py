@@ -167,11 +167,6 @@ def test_conv_encoder_rejects_bad_size():
     assert ConvEncoder(3, 48, depth=2).out_features == 8 * 3 * 3
 
 
-@pytest.mark.xfail(
-    reason="BUG: nets.py ConvEncoder error says 'use 32–256 pixels' but 32 gives a 2×2 map "
-    "and is rejected; the accepted range is 48–256 (res 3..16 after 4 pools)",
-    strict=True,
-)
 def test_conv_encoder_error_message_range_is_accepted():
     with pytest.raises(ValueError) as err:
         ConvEncoder(3, 16, depth=2)
