@@ -89,9 +89,24 @@ class BlockLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.blocks, self.in_features // self.blocks).transpose(0, 1)
-        y = torch.bmm(x, self.weight).transpose(0, 1).reshape(*lead, self.out_features)
-        return y + self.bias
+        return block_matmul(x.reshape(-1, self.in_features), self.weight, self.bias).view(
+            *lead, self.out_features
+        )
+
+
+def block_matmul(x: Tensor, weight: Tensor, bias: Tensor, base: Tensor | None = None) -> Tensor:
+    """[N, G·I] @ blockdiag(weight [G, I, O]) + bias [G·O] (+ ``base`` [N, G·O]) → [N, G·O].
+
+    One addmm per block on column slices, then one concatenation: measured faster on CPU
+    than a batched matmul, whose block-major layout costs two transposing copies.
+    """
+    g, i, o = weight.shape
+    add = bias if base is None else base + bias
+    outs = []
+    for k in range(g):
+        acc = add[..., k * o : (k + 1) * o]
+        outs.append(torch.addmm(acc, x[:, k * i : (k + 1) * i], weight[k]))
+    return torch.cat(outs, -1)
 
 
 class ChannelNorm(nn.Module):

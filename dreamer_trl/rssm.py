@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributions import sample_onehot, sample_onehot_st, unimix_logits
-from .nets import BlockLinear, HiddenLayer, Linear, make_norm
+from .nets import BlockLinear, HiddenLayer, Linear, block_matmul, make_norm
 
 
 class RSSM(nn.Module):
@@ -67,16 +67,26 @@ class RSSM(nn.Module):
         return deter, torch.zeros(batch, self.stoch, self.classes, device=device)
 
     def core(self, deter: Tensor, stoch: Tensor, act_emb: Tensor) -> Tensor:
-        """Block-GRU step h' = f(h, z, a), with ``act_emb`` = dynin2(a) precomputed."""
+        """Block-GRU step h' = f(h, z, a), with ``act_emb`` = dynin2(a) precomputed.
+
+        Block g of ``dynhid`` sees [deter slice g, x] where x = [dynin0(h), dynin1(z),
+        act_emb] is shared by all blocks, so x's share of every block is one dense
+        matmul and only deter's share is block-diagonal. Each block of ``dyngru`` emits
+        its slice of the reset, candidate and update gates.
+        """
         n, g = deter.shape[0], self.blocks
+        k = self.deter // g
         x = torch.cat([self.dynin0(deter), self.dynin1(stoch.flatten(-2)), act_emb], -1)
-        x = torch.cat([deter.view(n, g, -1), x.unsqueeze(1).expand(n, g, x.shape[-1])], -1)
-        x = nn.functional.silu(self.dynhid_norm(self.dynhid(x.view(n, -1))))
-        gates = self.dyngru(x).view(n, g, 3, -1)
-        reset, cand, update = (gates[:, :, i].reshape(n, self.deter) for i in range(3))
+        w = self.dynhid.weight  # [G, k + 3·hidden, k]
+        shared = x @ w[:, k:, :].transpose(0, 1).reshape(x.shape[-1], self.deter)
+        x = block_matmul(deter, w[:, :k, :], self.dynhid.bias, base=shared)
+        x = nn.functional.silu(self.dynhid_norm(x))
+        gates = self.dyngru(x).view(n, g, 3, k)
+        reset, cand, update = gates[:, :, 0], gates[:, :, 1], gates[:, :, 2]
         cand = torch.tanh(torch.sigmoid(reset) * cand)
         update = torch.sigmoid(update - 1.0)
-        return update * cand + (1.0 - update) * deter
+        deter = deter.view(n, g, k)
+        return (update * cand + (1.0 - update) * deter).view(n, self.deter)
 
     def embed_action(self, action: Tensor) -> Tensor:
         """dynin2(a / max(1, |a|)): large actions are squashed to magnitude ≤ 1."""

@@ -82,6 +82,8 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = resolve_device(cfg.device)
+        if cfg.get("threads"):
+            torch.set_num_threads(int(cfg.threads))
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         probe = make_env(cfg.env, cfg.seed)
