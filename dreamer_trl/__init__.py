@@ -1,0 +1,58 @@
+"""DreamerV3 as TorchRL components.
+
+Pieces a TorchRL pipeline can take one by one (see docs/architecture.md):
+
+* models: :class:`WorldModel` (encoder, :class:`RSSM`, decoder, reward and continue
+  heads), :class:`Actor`, :class:`Critic` with :class:`SlowCritic`;
+* losses (TorchRL ``LossModule``): :class:`DreamerV3Loss` (everything, each piece once),
+  :class:`WorldModelLoss`, :class:`ActorLoss`, :class:`CriticLoss`;
+* :class:`LaProp` — the reference optimiser (AGC → RMS → momentum, warmup);
+* acting: :class:`ActingPolicy` (a ``TensorDictModuleBase`` carrying the RSSM state) and the
+  :class:`IncomingReward` env transform;
+* replay: :class:`StepReplay` (``TensorDictReplayBuffer`` + ``SliceSampler``) and the
+  transition → step conversion :func:`transitions_to_steps`;
+* :class:`DreamerV3Agent` — all of the above built from env specs and a config, with one
+  ``update(batch)``; :func:`make_env` for gym / DMC / Atari.
+"""
+
+from .actor_critic import Critic, ReturnNormalizer, SlowCritic
+from .agent import DreamerV3Agent, action_info, obs_space_from_spec
+from .envs import make_env
+from .heads import Actor
+from .losses import ActorLoss, CriticLoss, DreamerV3Loss, WorldModelLoss, total_loss
+from .optim import LaProp
+from .policy import ActingPolicy
+from .replay import StepReplay
+from .rssm import RSSM
+from .sequence import Sequence, sequence_from_steps, transitions_to_steps
+from .sizes import MODEL_SIZES
+from .transforms import IncomingReward
+from .world_model import ObsSpace, WorldModel
+
+__all__ = [
+    "RSSM",
+    "ActingPolicy",
+    "Actor",
+    "ActorLoss",
+    "Critic",
+    "CriticLoss",
+    "DreamerV3Agent",
+    "DreamerV3Loss",
+    "IncomingReward",
+    "LaProp",
+    "MODEL_SIZES",
+    "ObsSpace",
+    "ReturnNormalizer",
+    "Sequence",
+    "SlowCritic",
+    "StepReplay",
+    "WorldModel",
+    "WorldModelLoss",
+    "action_info",
+    "make_env",
+    "obs_space_from_spec",
+    "sequence_from_steps",
+    "total_loss",
+    "transitions_to_steps",
+]
+__version__ = "0.1.0"

@@ -264,6 +264,8 @@ class Trainer:
                         }
                     )
                     tracker.log_metrics(logged, c["env_steps"])
+                    if not t.progress:  # no bar: one line per log interval (background runs)
+                        print(_log_line(c, fps, last_return, logged), flush=True)
                     sums, nsum, next_log = {}, 0, next_log + t.log_every
                 if c["env_steps"] >= next_eval:
                     self._eval_and_log(tracker, video=False)
@@ -296,6 +298,18 @@ class Trainer:
             f"[eval] step {step}: return {metrics['eval/return']:.1f} "
             f"± {metrics['eval/return_std']:.1f} over {self.cfg.train.eval_episodes} episodes"
         )
+
+
+def _log_line(counters: dict, fps: float, last_return: float, logged: dict) -> str:
+    losses = " ".join(
+        f"{k.split('/')[-1][5:]}={float(v):.3g}"
+        for k, v in logged.items()
+        if k.startswith("train/loss_")
+    )
+    return (
+        f"step {counters['env_steps']} updates {counters['updates']} fps {fps:.1f} "
+        f"return {last_return:.1f} {losses}"
+    )
 
 
 def fresh_scratch_dir(run_dir: Path) -> Path:
