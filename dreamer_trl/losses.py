@@ -124,35 +124,25 @@ class ActorLoss(LossModule):
 
     def imagine(self, deter: Tensor, stoch: Tensor) -> Imagination:
         wm = self.world_model
-        params = []
-
-        def policy(feat: Tensor) -> Tensor:
-            # The actor's output keeps its graph (for the policy loss) while the dynamics
-            # around it run without one; this avoids a second actor pass over [N, H].
-            with torch.enable_grad():
-                params.append(self.actor(feat))
-            return self.actor.sample(params[-1].detach())
-
-        deters, stochs, action = wm.rssm.imagine(
-            deter.detach(), stoch.detach(), policy, self.horizon, final_action=False
+        feat, action = wm.rssm.imagine_feat(
+            deter.detach(), stoch.detach(), self.actor.act, self.horizon, final_action=False
         )
-        feat = torch.cat([deters, stochs.flatten(-2)], -1)
         with torch.no_grad():
             reward = wm.reward.predict(wm.reward(feat))
             cont = torch.sigmoid(wm.cont(feat))
-        value_logits = self.critic(feat)
-        value = self.critic.predict(value_logits).detach()
+        value_logp = torch.log_softmax(self.critic(feat), -1)  # shared with the value loss
+        value = self.critic.predict(value_logp).detach()
         weight = torch.cumprod(cont, 1)
         ret = lambda_return(reward, cont, value, self.lam)
-        extra = {"value_logits": value_logits, "actor_params": torch.stack(params, 1)}
+        extra = {"value_logp": value_logp}
         return Imagination(feat, action, reward, cont, value, weight, ret, extra)
 
     def policy_terms(self, img: Imagination, update_norm: bool = True):
         scale = self.return_norm(img.ret, update=update_norm)
         adv = (img.ret - img.value[:, :-1]) / scale
-        params = img.extra.get("actor_params")
-        if params is None:  # an Imagination built elsewhere: one actor pass over [N, H]
-            params = self.actor(img.feat[:, :-1])
+        # One batched actor pass with a graph over all imagined states; the rollout's
+        # actor calls ran without one (the rollout buffer is written in place).
+        params = self.actor(img.feat[:, :-1])
         logpi = self.actor.log_prob(params, img.action[:, : params.shape[1]])
         ent = self.actor.entropy(params)
         weight = img.weight[:, :-1]
@@ -200,16 +190,19 @@ class CriticLoss(LossModule):
 
     # Method names avoid the suffix "loss": LossModule wraps such methods in
     # exploration/recurrent-mode context managers on every call.
-    def _regressed(self, logits: Tensor, feat: Tensor, target: Tensor) -> Tensor:
+    def _regressed(self, logp: Tensor, feat: Tensor, target: Tensor) -> Tensor:
+        """Two-hot CE of log-probs ``logp`` to ``target`` plus slowreg · CE to the slow
+        critic's prediction on ``feat``."""
         with torch.no_grad():
             slow = self.slow_critic.predict(self.slow_critic(feat.detach()))
-        logp = torch.log_softmax(logits, -1)
         return self.critic.nll(logp, target) + self.slowreg * self.critic.nll(logp, slow)
 
     def value_terms(self, img: Imagination) -> Tensor:
         """Per-start imagined value loss, [N]."""
-        logits = img.extra["value_logits"][:, :-1]
-        loss = self._regressed(logits, img.feat[:, :-1], img.ret)
+        logp = img.extra.get("value_logp")
+        if logp is None:  # an Imagination built elsewhere
+            logp = torch.log_softmax(self.critic(img.feat), -1)
+        loss = self._regressed(logp[:, :-1], img.feat[:, :-1], img.ret)
         return (img.weight[:, :-1] * loss).mean(1)
 
     def repval_terms(self, feat: Tensor, seq: Sequence, boot: Tensor) -> Tensor:
@@ -218,7 +211,8 @@ class CriticLoss(LossModule):
         graph, so this loss also trains the world model (reference repval_grad)."""
         live = (1.0 - seq.is_terminal.float()) * self.disc
         ret = lambda_return(seq.reward, live, boot.detach(), self.lam, last=seq.is_last)
-        loss = self._regressed(self.critic(feat[:, :-1]), feat[:, :-1], ret)
+        logp = torch.log_softmax(self.critic(feat[:, :-1]), -1)
+        loss = self._regressed(logp, feat[:, :-1], ret)
         return (1.0 - seq.is_last[:, :-1].float()) * loss
 
     def forward(self, tensordict: TensorDictBase) -> TensorDict:

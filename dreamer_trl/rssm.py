@@ -172,15 +172,36 @@ class RSSM(nn.Module):
         ``final_action`` (the reference samples one at the last state too, though no
         step follows it and no loss reads it).
         """
+        feat, actions = self.imagine_feat(deter, stoch, policy, horizon, final_action)
+        stochs = feat[..., self.deter :].unflatten(-1, (self.stoch, self.classes))
+        return feat[..., : self.deter], stochs, actions
+
+    def imagine_feat(
+        self,
+        deter: Tensor,
+        stoch: Tensor,
+        policy: Callable[[Tensor], Tensor],
+        horizon: int,
+        final_action: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`imagine` returning the features [N, H+1, E] = [deter, flat stoch].
+
+        Each step writes into one preallocated buffer, which the heads then read, so the
+        rollout is never stacked or concatenated afterwards.
+        """
+        n, d = deter.shape[0], self.deter
         with torch.no_grad():
-            deters, stochs, actions = [deter], [stoch], []
-            for _ in range(horizon):
-                action = policy(torch.cat([deter, stoch.flatten(-2)], -1))
+            feat = deter.new_empty(n, horizon + 1, self.feat_dim)
+            feat[:, 0, :d] = deter
+            feat[:, 0, d:] = stoch.flatten(-2)
+            actions = []
+            for t in range(horizon):
+                action = policy(feat[:, t])
                 deter, prior = self.img_step(deter, stoch, action)
                 stoch = sample_onehot(prior)
-                deters.append(deter)
-                stochs.append(stoch)
+                feat[:, t + 1, :d] = deter
+                feat[:, t + 1, d:] = stoch.flatten(-2)
                 actions.append(action)
             if final_action:
-                actions.append(policy(torch.cat([deter, stoch.flatten(-2)], -1)))
-            return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(actions, 1)
+                actions.append(policy(feat[:, horizon]))
+            return feat, torch.stack(actions, 1)
