@@ -102,7 +102,14 @@ class Trainer:
             str(fresh_scratch_dir(self.run_dir)),
             cfg.replay.device,
         )
-        self.counters = {"env_steps": 0, "updates": 0, "episodes": 0, "updates_due": 0.0}
+        self.counters = {
+            "env_steps": 0,
+            "updates": 0,
+            "episodes": 0,
+            "updates_due": 0.0,
+            "wall_seconds": 0.0,
+        }
+        self._clock = None  # (time.time() at train start, wall_seconds then)
         self.mlflow_run_id: str | None = None
         self.returns: list[tuple[int, float]] = []  # (env step, eval return)
 
@@ -118,6 +125,8 @@ class Trainer:
         }
 
     def state(self) -> dict:
+        if self._clock:
+            self.counters["wall_seconds"] = self._clock[1] + time.time() - self._clock[0]
         return {
             "agent": self.agent.state_dict(),
             "optimizer": self.agent.optimizer.state_dict(),
@@ -214,6 +223,7 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------
     def train(self, tracker: Tracker) -> dict:
         cfg, t, c = self.cfg, self.cfg.train, self.counters
+        self._clock = (time.time(), c.get("wall_seconds", 0.0))
         policy = make_policy(self.agent, self.action_spec, random=c["env_steps"] < t.random_steps)
         collector = make_collector(cfg, policy, int(cfg.seed) + c["env_steps"])
         bar = tqdm(
