@@ -67,26 +67,50 @@ class ActingPolicy(TensorDictModuleBase):
             expand_specs=True,
         )
 
+    def compile(self, **kwargs) -> None:
+        """Compile the per-step tensor math (one fused graph instead of ~100 small ops).
+
+        Compilation happens at the first step in whichever process acts (collector
+        workers included); the compiled function itself is never pickled.
+        """
+        self._compile_kwargs = {"dynamic": False, **kwargs}
+        self._compiled = None
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_compiled"] = None
+        return state
+
+    def _step_fn(self):
+        if getattr(self, "_compile_kwargs", None) is None:
+            return self._step
+        if self._compiled is None:
+            self._compiled = torch.compile(self._step, **self._compile_kwargs)
+        return self._compiled
+
+    def _step(self, obs: dict, deter, stoch, prev_action, is_first, greedy: bool):
+        wm = self.world_model
+        token = wm.encoder(obs)
+        deter, stoch, _ = wm.rssm.obs_step(deter, stoch, prev_action, token, is_first)
+        params = self.actor(torch.cat([deter, stoch.flatten(-2)], -1))
+        action = self.actor.mode(params) if greedy else self.actor.sample(params)
+        return deter, stoch, action
+
     @torch.no_grad()
     def forward(self, td: TensorDictBase) -> TensorDictBase:
         lead = td.batch_size
         flat = td.reshape(-1) if len(lead) != 1 else td
-        wm = self.world_model
-        token = wm.encoder({k: flat.get(k) for k in self.obs_keys})
-        deter, stoch, _ = wm.rssm.obs_step(
+        greedy = exploration_type() in (ExplorationType.DETERMINISTIC, ExplorationType.MODE)
+        deter, stoch, action = self._step_fn()(
+            {k: flat.get(k) for k in self.obs_keys},
             flat.get("deter"),
             flat.get("stoch"),
             flat.get("prev_action"),
-            token,
             flat.get("is_init").reshape(-1),
+            greedy,
         )
-        params = self.actor(torch.cat([deter, stoch.flatten(-2)], -1))
         if self.random:
-            action = self.action_spec.rand(flat.shape).to(params.dtype)
-        elif exploration_type() in (ExplorationType.DETERMINISTIC, ExplorationType.MODE):
-            action = self.actor.mode(params)
-        else:
-            action = self.actor.sample(params)
+            action = self.action_spec.rand(flat.shape).to(action.dtype)
         values = {
             "action": action.to(self.action_spec.dtype),
             ("next", "deter"): deter,

@@ -144,11 +144,15 @@ class RSSM(nn.Module):
     def obs_step(
         self, deter: Tensor, stoch: Tensor, prev_action: Tensor, token: Tensor, is_first: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """One filtering step for acting: [B, ...] in, (deter, stoch, post) out."""
-        out = self.observe(
-            token.unsqueeze(1), prev_action.unsqueeze(1), is_first.reshape(-1, 1), deter, stoch
-        )
-        return tuple(x.squeeze(1) for x in out)
+        """One filtering step for acting, [B, ...] in: (deter, stoch sample, post logits).
+
+        Same computation as one step of :meth:`observe`, without its sequence plumbing.
+        """
+        keep = (~is_first).to(token.dtype).unsqueeze(-1)
+        act_emb = self.embed_action(prev_action * keep)
+        deter = self.core(deter * keep, stoch * keep.unsqueeze(-1), act_emb)
+        post = self._post_from_parts(deter, self._token_part(token))
+        return deter, sample_onehot_st(post), post
 
     def img_step(self, deter: Tensor, stoch: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         """One prior step: (deter', prior logits)."""

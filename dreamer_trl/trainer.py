@@ -44,10 +44,15 @@ def make_agent(cfg: DictConfig, env: EnvBase, device: torch.device) -> DreamerV3
     return agent.to(device)
 
 
-def make_policy(agent: DreamerV3Agent, action_spec, random: bool = False) -> ActingPolicy:
-    return ActingPolicy(
+def make_policy(
+    agent: DreamerV3Agent, action_spec, random: bool = False, compile: bool = False
+) -> ActingPolicy:
+    policy = ActingPolicy(
         agent.world_model, agent.actor, action_spec, agent.obs_space.keys, random=random
     )
+    if compile:
+        policy.compile()
+    return policy
 
 
 def acting_env(env_cfg: Mapping, seed: int, policy: ActingPolicy, render: bool = False) -> EnvBase:
@@ -191,7 +196,7 @@ class Trainer:
         lengths are kept in ``self.last_eval``.
         """
         env_cfg = OmegaConf.to_container(self.cfg.env, resolve=True)
-        policy = make_policy(self.agent, self.action_spec)
+        policy = make_policy(self.agent, self.action_spec, compile=bool(self.cfg.compile.policy))
         env = acting_env(env_cfg, int(self.cfg.seed) + 10_000, policy, render=video)
         mode = ExplorationType.DETERMINISTIC if self.cfg.eval.greedy else ExplorationType.RANDOM
         returns, lengths, frames = [], [], None
@@ -224,7 +229,12 @@ class Trainer:
     def train(self, tracker: Tracker) -> dict:
         cfg, t, c = self.cfg, self.cfg.train, self.counters
         self._clock = (time.time(), c.get("wall_seconds", 0.0))
-        policy = make_policy(self.agent, self.action_spec, random=c["env_steps"] < t.random_steps)
+        policy = make_policy(
+            self.agent,
+            self.action_spec,
+            random=c["env_steps"] < t.random_steps,
+            compile=bool(cfg.compile.policy),
+        )
         collector = make_collector(cfg, policy, int(cfg.seed) + c["env_steps"])
         bar = tqdm(
             total=int(t.total_steps),

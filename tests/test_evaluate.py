@@ -39,6 +39,7 @@ TINY = [
     "train.progress=false",
     "replay.capacity=1000",
     "tracking.enabled=false",
+    "compile.policy=false",
     "eval.video=false",
     "device=cpu",
 ]

@@ -196,7 +196,7 @@ def check_finished_run(store: str, env: str, run_dir: Path, run_id: str) -> None
     for key in [f"train/{k}" for k in LOSSES] + ["eval/return", "eval/length", "perf/fps"]:
         assert key in metrics and math.isfinite(metrics[key]), (key, sorted(metrics))
     assert metrics["perf/fps"] > 0 and metrics["perf/updates"] == 3
-    assert metrics["perf/replay"] == 64
+    assert metrics["perf/replay"] == 64 + metrics["perf/episodes"]  # + each episode's last step
 
     def steps(key: str) -> list[int]:
         return [m.step for m in client.get_metric_history(run_id, key)]
@@ -270,7 +270,8 @@ def test_resume_continues_counters_replay_optimizer_and_mlflow_run(
     run_id = run_id_of(out)
     saved = spy.saves[-1]
     assert [s["env_steps"] for s in spy.saves] == [32, 64, 64]  # periodic ones, then the final
-    assert saved["env_steps"] == 64 and saved["updates"] == 3 and saved["replay"] == 64
+    assert saved["env_steps"] == 64 and saved["updates"] == 3
+    assert saved["replay"] == 64 + saved["episodes"]  # replay holds each episode's last step too
     assert saved["opt_steps"] == [3]  # LaProp's per-group step counter
     assert saved["mlflow_run_id"] == run_id
     overrides = (run_dir / "overrides.txt").read_text()
@@ -288,7 +289,7 @@ def test_resume_continues_counters_replay_optimizer_and_mlflow_run(
         assert loaded[key] == saved[key], key
     assert loaded["mlflow_run_id"] == run_id
     final = spy.saves[-1]
-    assert final["env_steps"] == 96 and final["replay"] == 96
+    assert final["env_steps"] == 96 and final["replay"] == 96 + final["episodes"]
     assert final["updates"] == saved["updates"] + 2  # batches at 80 and 96
     assert final["opt_steps"] == [saved["opt_steps"][0] + 2]
 
@@ -485,8 +486,9 @@ def test_refused_resume_leaves_the_run_dir_unchanged(cartpole_run, workdir, caps
     before = tree_digest(run_dir)
     code, _ = run_train(capsys, [f"resume={run_dir}", "model=size12m"])
     assert code == 2
+    assert OmegaConf.load(run_dir / "config.yaml").model.name == "size1m"
     after = tree_digest(run_dir)
-    assert after == before, sorted(set(after.items()) ^ set(before.items()))
+    assert after == before, sorted(set(after) ^ set(before))
 
 
 # --------------------------------------------------------------------------- make
