@@ -9,6 +9,7 @@ import copy
 
 import torch
 from torch import Tensor, nn
+from torchrl.modules.value_norm import PercentileValueNorm
 
 from .heads import TwoHotHead
 
@@ -62,32 +63,39 @@ class SlowCritic(nn.Module):
         self.count += 1
 
 
-class ReturnNormalizer(nn.Module):
+class ReturnNormalizer(PercentileValueNorm):
     """EMA of the 5th and 95th return percentiles; scale S = max(limit, p95 − p5).
 
     Starts at zero, no debiasing (reference ``retnorm``). Advantages are divided by S.
+    TorchRL's ``PercentileValueNorm`` does exactly this; this subclass only gives it the
+    call the actor loss uses, ``S = norm(returns, update)``.
     """
 
     def __init__(
         self, rate: float = 0.01, limit: float = 1.0, low: float = 5.0, high: float = 95.0
     ):
-        super().__init__()
-        self.rate, self.limit = rate, limit
-        self.register_buffer("quantiles", torch.tensor([low / 100.0, high / 100.0]))
-        self.register_buffer("lo", torch.zeros(()))
-        self.register_buffer("hi", torch.zeros(()))
+        super().__init__(shape=1, quantiles=(low / 100.0, high / 100.0), rate=rate, min_scale=limit)
 
-    @torch.no_grad()
-    def update(self, returns: Tensor) -> None:
-        lo, hi = torch.quantile(returns.detach().float().flatten(), self.quantiles)
-        self.lo.lerp_(lo, self.rate)
-        self.hi.lerp_(hi, self.rate)
+    @property
+    def limit(self) -> float:
+        return self.min_scale
 
-    def scale(self) -> Tensor:
-        return torch.clamp(self.hi - self.lo, min=self.limit)
+    @property
+    def lo(self) -> Tensor:
+        return self.low
+
+    @property
+    def hi(self) -> Tensor:
+        return self.high
 
     def forward(self, returns: Tensor, update: bool = True) -> Tensor:
-        """Update the statistics with ``returns`` (if asked), then return S."""
+        """Update the statistics with ``returns`` (if asked), then return S (0-d)."""
         if update:
-            self.update(returns)
-        return self.scale()
+            self.update(returns.detach().float().reshape(-1, 1))
+        return self.scale().reshape(())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for old, new in (("lo", "low"), ("hi", "high")):  # checkpoints before this class
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old).reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -98,13 +98,14 @@ class Trainer:
         if cfg.compile.enabled:
             self.agent.compile(mode=cfg.compile.mode)
         t = cfg.train
+        self.scratch = fresh_scratch_dir(self.run_dir)
         self.replay = StepReplay(
             cfg.replay.capacity,
             t.batch_size,
             t.seq_len + 1,
             self.agent.obs_space.keys,
             cfg.replay.storage,
-            str(fresh_scratch_dir(self.run_dir)),
+            str(self.scratch),
             cfg.replay.device,
         )
         self.counters = {
@@ -229,13 +230,15 @@ class Trainer:
     def train(self, tracker: Tracker) -> dict:
         cfg, t, c = self.cfg, self.cfg.train, self.counters
         self._clock = (time.time(), c.get("wall_seconds", 0.0))
+        prune_scratch(self.scratch)
         policy = make_policy(
             self.agent,
             self.action_spec,
             random=c["env_steps"] < t.random_steps,
             compile=bool(cfg.compile.policy),
         )
-        collector = make_collector(cfg, policy, int(cfg.seed) + c["env_steps"])
+        done = c["env_steps"] >= t.total_steps  # a finished run resumed: nothing to collect
+        collector = None if done else make_collector(cfg, policy, int(cfg.seed) + c["env_steps"])
         bar = tqdm(
             total=int(t.total_steps),
             initial=c["env_steps"],
@@ -250,60 +253,64 @@ class Trainer:
         next_ckpt = _next_multiple(c["env_steps"], t.checkpoint_every)
         status = "FINISHED"
         try:
-            for batch in collector:
-                n = batch.numel()
-                self.replay.extend(batch.cpu())
-                c["env_steps"] += n
-                ends = batch.get(("next", "done")).reshape(-1)
-                if ends.any():
-                    rets = batch.get(("next", "episode_reward")).reshape(-1)[ends]
-                    c["episodes"] += int(ends.sum())
-                    last_return = float(rets[-1])
-                    tracker.log_metrics(
-                        {"train/episode_return": float(rets.mean())}, c["env_steps"]
+            if not done:
+                for batch in collector:
+                    n = batch.numel()
+                    self.replay.extend(batch.cpu())
+                    c["env_steps"] += n
+                    ends = batch.get(("next", "done")).reshape(-1)
+                    if ends.any():
+                        rets = batch.get(("next", "episode_reward")).reshape(-1)[ends]
+                        c["episodes"] += int(ends.sum())
+                        last_return = float(rets[-1])
+                        tracker.log_metrics(
+                            {"train/episode_return": float(rets.mean())}, c["env_steps"]
+                        )
+                    for _ in range(self.updates_for(n)):
+                        out = self.update()
+                        for k, v in out.items():
+                            sums[k] = sums[k] + v if k in sums else v.clone()
+                        nsum += 1
+                    if policy.random and c["env_steps"] >= t.random_steps:
+                        policy.random = False
+                    collector.update_policy_weights_()
+                    fps = (c["env_steps"] - steps0) / max(time.time() - t0, 1e-9)
+                    bar.update(n)
+                    bar.set_postfix(
+                        updates=c["updates"], fps=f"{fps:.1f}", ret=f"{last_return:.1f}"
                     )
-                for _ in range(self.updates_for(n)):
-                    out = self.update()
-                    for k, v in out.items():
-                        sums[k] = sums[k] + v if k in sums else v.clone()
-                    nsum += 1
-                if policy.random and c["env_steps"] >= t.random_steps:
-                    policy.random = False
-                collector.update_policy_weights_()
-                fps = (c["env_steps"] - steps0) / max(time.time() - t0, 1e-9)
-                bar.update(n)
-                bar.set_postfix(updates=c["updates"], fps=f"{fps:.1f}", ret=f"{last_return:.1f}")
-                if c["env_steps"] >= next_log:
-                    logged = {f"train/{k}": v / nsum for k, v in sums.items()} if nsum else {}
-                    logged.update(
-                        {
-                            "perf/fps": fps,
-                            "perf/updates": c["updates"],
-                            "perf/episodes": c["episodes"],
-                            "perf/replay": len(self.replay),
-                        }
-                    )
-                    tracker.log_metrics(logged, c["env_steps"])
-                    if not t.progress:  # no bar: one line per log interval (background runs)
-                        print(_log_line(c, fps, last_return, logged), flush=True)
-                    sums, nsum, next_log = {}, 0, next_log + t.log_every
-                if c["env_steps"] >= next_eval:
-                    self._eval_and_log(tracker, video=False)
-                    next_eval += t.eval_every
-                if c["env_steps"] >= next_ckpt:
-                    self.save()
-                    next_ckpt += t.checkpoint_every
-                if c["env_steps"] >= t.total_steps:
-                    break
+                    if c["env_steps"] >= next_log:
+                        logged = {f"train/{k}": v / nsum for k, v in sums.items()} if nsum else {}
+                        logged.update(
+                            {
+                                "perf/fps": fps,
+                                "perf/updates": c["updates"],
+                                "perf/episodes": c["episodes"],
+                                "perf/replay": len(self.replay),
+                            }
+                        )
+                        tracker.log_metrics(logged, c["env_steps"])
+                        if not t.progress:  # no bar: one line per log interval (background runs)
+                            print(_log_line(c, fps, last_return, logged), flush=True)
+                        sums, nsum, next_log = {}, 0, next_log + t.log_every
+                    if c["env_steps"] >= t.total_steps:
+                        break
+                    if c["env_steps"] >= next_eval:
+                        self._eval_and_log(tracker, video=False)
+                        next_eval += t.eval_every
+                    if c["env_steps"] >= next_ckpt:
+                        self.save()
+                        next_ckpt += t.checkpoint_every
+            if not self.returns or self.returns[-1][0] != c["env_steps"]:
+                self._eval_and_log(tracker, video=bool(cfg.eval.video))  # final evaluation
         except KeyboardInterrupt:
             status = "KILLED"
             bar.write("Interrupted: saving a checkpoint before exit…")
         finally:
-            collector.shutdown()
+            if collector is not None:
+                collector.shutdown()
             bar.close()
         path = self.save()
-        if status == "FINISHED":
-            self._eval_and_log(tracker, video=bool(cfg.eval.video))
         tracker.log_artifact(str(path / "meta.json"), "checkpoints")
         return {"status": status, "checkpoint": str(path), **self.counters}
 
@@ -333,16 +340,18 @@ def _log_line(counters: dict, fps: float, last_return: float, logged: dict) -> s
 
 
 def fresh_scratch_dir(run_dir: Path) -> Path:
-    """A new memmap dir for the live replay; older ones (from before a resume) go.
-
-    TorchRL cannot load a dumped buffer into a scratch dir that already holds files.
-    """
-    root = run_dir / "replay_scratch"
-    if root.exists():
-        shutil.rmtree(root)
-    path = root / f"{os.getpid()}_{time.time_ns()}"
+    """A new, empty memmap dir for the live replay (TorchRL cannot load a dumped buffer
+    into a scratch dir that already holds files). Stale ones go in :func:`prune_scratch`."""
+    path = run_dir / "replay_scratch" / f"{os.getpid()}_{time.time_ns()}"
     path.mkdir(parents=True)
     return path
+
+
+def prune_scratch(current: Path) -> None:
+    """Delete scratch dirs of earlier processes (their data lives on in checkpoints)."""
+    for old in current.parent.iterdir():
+        if old != current:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _next_multiple(x: int, every: int) -> float:

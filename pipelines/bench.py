@@ -76,9 +76,9 @@ def synthetic_batch(
             data[key] = torch.randn(b, t + 1, *shape, generator=g)
     flags = torch.zeros(b, t + 1, dtype=torch.bool)
     first = flags.clone()
-    first[:, 40] = True
+    first[:, (5 * t) // 8] = True  # an episode boundary inside every sequence
     last = flags.clone()
-    last[:, 39] = True
+    last[:, (5 * t) // 8 - 1] = True
     stoch = torch.randint(0, classes, (b, t + 1, 32), generator=g)
     data.update(
         action=torch.rand(b, t + 1, act_dim, generator=g) * 2 - 1,

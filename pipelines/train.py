@@ -51,22 +51,23 @@ def main(argv: list[str]) -> int:
         run_dir = Path(cfg.run_dir or f"runs/{cfg.env.name}/{stamp}_seed{cfg.seed}")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / OVERRIDES_FILE).write_text("\n".join(overrides) + "\n")
-    OmegaConf.save(cfg, run_dir / "config.yaml")
 
     from dreamer_trl.tracking import Tracker
     from dreamer_trl.trainer import Trainer, config_params, install_sigterm_as_interrupt
 
     install_sigterm_as_interrupt()
     trainer = Trainer(cfg, run_dir)
-    if resume:
+    if resume:  # a refused checkpoint (other model size, corrupt) raises before any write
         trainer.load(run_dir)
         print(f"resumed {run_dir} at env step {trainer.counters['env_steps']}", flush=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml")
     tracker = Tracker(
         cfg.tracking.experiment or cfg.env.name,
         run_name=run_dir.name,
         tracking_uri=cfg.tracking.uri,
         run_id=trainer.mlflow_run_id,
         enabled=cfg.tracking.enabled,
+        tags={"run_dir": str(run_dir.resolve())},
     )
     trainer.mlflow_run_id = tracker.run_id
     if not resume:

@@ -58,6 +58,7 @@ TINY = [
     "replay.capacity=1000",
     "threads=1",
     "device=cpu",
+    "compile.policy=false",  # compiling the acting step costs ~30 s a process (a slow test below)
 ]
 # Eval episodes (and so eval videos) capped by the env's step limit: pendulum runs 200 steps,
 # DMC 1000 and Pong ~800 (each rendered for the video), which would dominate the budget.
@@ -154,6 +155,21 @@ def run_id_of(out: str) -> str:
     return match["id"]
 
 
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    """A copy of a run dir (mtimes kept) that a test may damage without harming others."""
+    shutil.copytree(run_dir, dest, symlinks=True)
+    return dest
+
+
+def tree_digest(root: Path) -> dict[str, tuple[int, str]]:
+    """{relative path: (mtime_ns, sha256)} of every file below ``root``."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
 @pytest.fixture(scope="module")
 def cartpole_run(tmp_path_factory, store) -> tuple[Path, str]:
     """A finished tiny tracked cartpole run: (run dir, MLflow run id). Read only."""
@@ -241,7 +257,7 @@ def test_smoke_cartpole(cartpole_run, store):
     [
         "pendulum",
         "dmc_walker",
-        pytest.param("dmc_walker_vision", marks=pytest.mark.slow),  # ~70 rendered steps/s
+        "dmc_walker_vision",  # 64×64 EGL renders: the slowest smoke run, still < 25 s
         "atari_pong",
     ],
 )
@@ -251,11 +267,27 @@ def test_smoke(env, workdir, store, capsys):
     assert code == 0
     check_finished_run(store, env, run_dir, run_id_of(out))
     obs_keys = load_checkpoint(find_checkpoint(run_dir))["meta"]["obs_keys"]
-    assert obs_keys == (["pixels"] if env in ("dmc_walker_vision", "atari_pong") else
-                        ["observation"])
+    assert obs_keys == (
+        ["pixels"] if env in ("dmc_walker_vision", "atari_pong") else ["observation"]
+    )
+
+
+@pytest.mark.slow  # torch.compile of the acting step: ~30 s on CPU before the first action
+def test_smoke_compiled_policy(workdir, store, capsys):
+    """The default config compiles the acting step (compile.policy=true)."""
+    run_dir = workdir / "run"
+    argv = [a for a in tiny("cartpole") if a != "compile.policy=false"]
+    code, out = run_train(capsys, [*argv, f"run_dir={run_dir}"])
+    assert code == 0
+    assert OmegaConf.load(run_dir / "config.yaml").compile.policy is True
+    check_finished_run(store, "cartpole", run_dir, run_id_of(out))
 
 
 # --------------------------------------------------------------------------- resume
+
+
+def run_ids(client: MlflowClient, experiment_id: str) -> set[str]:
+    return {r.info.run_id for r in client.search_runs([experiment_id], max_results=1000)}
 
 
 def test_resume_continues_counters_replay_optimizer_and_mlflow_run(
@@ -269,14 +301,22 @@ def test_resume_continues_counters_replay_optimizer_and_mlflow_run(
     assert code == 0
     run_id = run_id_of(out)
     saved = spy.saves[-1]
-    assert [s["env_steps"] for s in spy.saves] == [32, 64, 64]  # periodic ones, then the final
+    # The periodic checkpoint at 32, then the final one at 64 (no second save at 64).
+    assert [s["env_steps"] for s in spy.saves] == [32, 64]
     assert saved["env_steps"] == 64 and saved["updates"] == 3
     assert saved["replay"] == 64 + saved["episodes"]  # replay holds each episode's last step too
     assert saved["opt_steps"] == [3]  # LaProp's per-group step counter
     assert saved["mlflow_run_id"] == run_id
     overrides = (run_dir / "overrides.txt").read_text()
-    assert overrides.split() == [*tiny("cartpole"), "train.checkpoint_every=32",
-                                 f"run_dir={run_dir}"]
+    assert overrides.split() == [
+        *tiny("cartpole"),
+        "train.checkpoint_every=32",
+        f"run_dir={run_dir}",
+    ]
+
+    client = MlflowClient(tracking_uri=store)
+    runs_before = run_ids(client, client.get_run(run_id).info.experiment_id)
+    assert run_id in runs_before
 
     # Only resume= and a longer budget: everything else must come from the run dir.
     code, out = run_train(capsys, [f"resume={run_dir}", "train.total_steps=96"])
@@ -301,20 +341,16 @@ def test_resume_continues_counters_replay_optimizer_and_mlflow_run(
     ckpt = find_checkpoint(run_dir)
     assert ckpt.name == "step_96"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [
-        "step_64", "step_96"  # keep_checkpoints=2
+        "step_64",
+        "step_96",  # keep_checkpoints=2
     ]
     state = load_checkpoint(ckpt)
     assert state["optimizer"]["param_groups"][0]["step"] == final["opt_steps"][0]
-    assert [step for step, _ in state["eval_returns"]] == [64, 96]
 
-    # MLflow: one run whose histories continue where they stopped.
-    client = MlflowClient(tracking_uri=store)
+    # MLflow: the same run, its histories continuing where they stopped.
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    named = client.search_runs(
-        [run.info.experiment_id], f"attributes.run_name = '{run_dir.name}'"
-    )
-    assert [r.info.run_id for r in named] == [run_id]
+    assert run_ids(client, run.info.experiment_id) == runs_before  # no new run was created
     updates = client.get_metric_history(run_id, "perf/updates")
     assert [m.step for m in updates] == [16, 32, 48, 64, 80, 96]
     assert [m.value for m in updates] == [0, 1, 2, 3, 4, 5]
@@ -322,17 +358,29 @@ def test_resume_continues_counters_replay_optimizer_and_mlflow_run(
     assert run.data.params["train.total_steps"] == "64"  # params are immutable in MLflow
 
 
-@pytest.mark.xfail(
-    reason="BUG: pipelines/train.py never sets the 'run_dir' tag on the MLflow run, so "
-    "resume=<MLflow run id> (README) and evaluate ckpt=<run id> cannot find the run dir",
-    strict=True,
-)
 def test_resume_by_mlflow_run_id_finds_the_run_dir(cartpole_run, workdir, store):
     run_dir, run_id = cartpole_run
     tags = MlflowClient(tracking_uri=store).get_run(run_id).data.tags
     assert tags.get("run_dir") == str(run_dir.resolve())
     # What train.main does with resume=<run id> (without training the shared run further).
     assert train.resolve_run_dir(run_id, None) == run_dir.resolve()
+
+
+def test_resuming_a_finished_run_trains_no_further(cartpole_run, workdir, capsys, monkeypatch):
+    run_dir = copy_run(cartpole_run[0], workdir / "run")
+    spy = Spy(monkeypatch)
+    code, out = run_train(capsys, [f"resume={run_dir}", "tracking.enabled=false"])
+    assert code == 0 and "at env step 64" in out
+    assert [s["env_steps"] for s in spy.saves] in ([], [64])
+    assert find_checkpoint(run_dir).name == "step_64"
+    assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_64"]
+
+
+def test_final_eval_return_is_in_the_checkpoint(cartpole_run, store):
+    run_dir, run_id = cartpole_run
+    logged = MlflowClient(tracking_uri=store).get_metric_history(run_id, "eval/return")
+    state = load_checkpoint(find_checkpoint(run_dir))
+    assert [tuple(x) for x in state["eval_returns"]] == [(m.step, m.value) for m in logged]
 
 
 # --------------------------------------------------------------------------- signals
@@ -430,8 +478,16 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     "override, needles",
     [
         ("env=nope", ["unknown env 'nope'", "valid: " + ", ".join(group_options("env"))]),
-        ("train.nope=1", ["unknown config key 'train.nope'", "valid keys under 'train':",
-                          "total_steps", "train_ratio", "checkpoint_every"]),
+        (
+            "train.nope=1",
+            [
+                "unknown config key 'train.nope'",
+                "valid keys under 'train':",
+                "total_steps",
+                "train_ratio",
+                "checkpoint_every",
+            ],
+        ),
         ("model=size3m", ["unknown model 'size3m'", "valid: " + ", ".join(group_options("model"))]),
     ],
     ids=["unknown-env", "unknown-key", "unknown-model"],
@@ -443,21 +499,6 @@ def test_bad_input_is_one_line_exit_2(override, needles, tmp_path):
     if override.startswith("env="):
         assert all(e in err for e in ("cartpole", "pendulum", "dmc_walker", "atari_pong"))
     assert list(tmp_path.iterdir()) == []  # no runs/ dir, no outputs/, no MLflow store
-
-
-def tree_digest(root: Path) -> dict[str, tuple[int, str]]:
-    """{relative path: (mtime_ns, sha256)} of every file below ``root``."""
-    return {
-        str(p.relative_to(root)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def copy_run(run_dir: Path, dest: Path) -> Path:
-    """A copy of a run dir (mtimes kept) that a test may damage without harming others."""
-    shutil.copytree(run_dir, dest, symlinks=True)
-    return dest
 
 
 def test_resume_with_another_model_size_is_refused(cartpole_run, tmp_path, store):
@@ -475,12 +516,6 @@ def test_resume_with_another_model_size_is_refused(cartpole_run, tmp_path, store
     assert MlflowClient(tracking_uri=store).get_run(run_id).info.status == "FINISHED"
 
 
-@pytest.mark.xfail(
-    reason="BUG: pipelines/train.py main() saves run_dir/config.yaml (and Trainer() wipes "
-    "run_dir/replay_scratch) before Trainer.load checks the checkpoint, so a refused resume "
-    "rewrites the run's config.yaml with the rejected settings",
-    strict=True,
-)
 def test_refused_resume_leaves_the_run_dir_unchanged(cartpole_run, workdir, capsys):
     run_dir = copy_run(cartpole_run[0], workdir / "run")
     before = tree_digest(run_dir)
