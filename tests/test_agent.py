@@ -19,14 +19,6 @@ TINY = dict(deter=64, hidden=16, classes=4, units=16, depth=2)
 FAST = {"optim": {"lr": 1e-3, "warmup": 0}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster, and on a busy machine far more so."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def walker_specs():
     obs = Composite(observation=Unbounded(shape=(24,)))

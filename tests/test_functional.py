@@ -18,16 +18,6 @@ from dreamer_trl.functional import (
     twohot_loss,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster, and on a busy machine far more so."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 E = math.e
 
 

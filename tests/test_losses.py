@@ -22,16 +22,6 @@ from dreamer_trl.sequence import sequence_from_steps, transitions_to_steps
 from dreamer_trl.transforms import INCOMING_REWARD
 from dreamer_trl.world_model import ObsSpace
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster, and on a busy machine far more so."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 ALGO_YAML = Path(__file__).resolve().parents[1] / "conf" / "algo" / "dreamerv3.yaml"
 TINY = dict(deter=64, hidden=16, classes=4, units=16, depth=2, stoch=8)
 OBS, ACT = 5, 2

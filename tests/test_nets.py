@@ -22,15 +22,6 @@ from dreamer_trl.nets import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster, and on a busy machine far more so."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _check_init_std(weight: torch.Tensor, fan_in: int, scale: float = 1.0) -> None:
     std = scale / math.sqrt(fan_in)
     measured = weight.detach().float().std().item()

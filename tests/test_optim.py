@@ -12,15 +12,6 @@ import torch
 from dreamer_trl.optim import LaProp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster, and on a busy machine far more so."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class HandLaProp:
     """Plain per-tensor loops, one line per formula, float64."""
 

@@ -9,16 +9,6 @@ import torch.nn.functional as F
 
 from dreamer_trl.rssm import RSSM
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster, and on a busy machine far more so."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 DETER, HIDDEN, STOCH, CLASSES, BLOCKS, ACT, TOK = 16, 8, 4, 3, 4, 2, 5
 
 
