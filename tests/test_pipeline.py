@@ -532,7 +532,11 @@ def test_refused_resume_leaves_the_run_dir_unchanged(cartpole_run, workdir, caps
 def test_make_train_runs_the_pipeline():
     def dry_run(*args: str) -> list[list[str]]:
         proc = subprocess.run(
-            ["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=30
+            ["make", "-n", "--no-print-directory", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert proc.returncode == 0, proc.stderr
         return [line.split() for line in proc.stdout.splitlines() if line.strip()]
