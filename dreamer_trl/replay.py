@@ -41,6 +41,7 @@ class StepReplay:
         device="cpu",
     ):
         self.batch_size, self.seq_len, self.obs_keys = batch_size, seq_len, list(obs_keys)
+        self.capacity = int(capacity)
         if storage == "memmap":
             store = LazyMemmapStorage(
                 int(capacity), scratch_dir=scratch_dir or tempfile.mkdtemp(), device=device
@@ -98,7 +99,7 @@ class StepReplay:
         self.buffer.storage.set(index, update.to(self.buffer.storage.device), set_cursor=False)
 
     def state_dict(self) -> dict:
-        return {"stream_steps": dict(self.stream_steps)}
+        return {"stream_steps": dict(self.stream_steps), "capacity": self.capacity}
 
     def load_state_dict(self, state: dict) -> None:
         self.stream_steps = {int(k): int(v) for k, v in state["stream_steps"].items()}

@@ -97,17 +97,8 @@ class Trainer:
         probe.close()
         if cfg.compile.enabled:
             self.agent.compile(mode=cfg.compile.mode)
-        t = cfg.train
         self.scratch = fresh_scratch_dir(self.run_dir)
-        self.replay = StepReplay(
-            cfg.replay.capacity,
-            t.batch_size,
-            t.seq_len + 1,
-            self.agent.obs_space.keys,
-            cfg.replay.storage,
-            str(self.scratch),
-            cfg.replay.device,
-        )
+        self.replay = self.make_replay(replay_capacity(cfg))
         self.counters = {
             "env_steps": 0,
             "updates": 0,
@@ -153,9 +144,28 @@ class Trainer:
             keep=int(self.cfg.train.keep_checkpoints),
         )
 
+    def make_replay(self, capacity: int) -> StepReplay:
+        cfg, t = self.cfg, self.cfg.train
+        return StepReplay(
+            capacity,
+            t.batch_size,
+            t.seq_len + 1,
+            self.agent.obs_space.keys,
+            cfg.replay.storage,
+            str(self.scratch),
+            cfg.replay.device,
+        )
+
     def load(self, path: str | Path) -> None:
+        ckpt = find_checkpoint(str(path))
+        saved = load_checkpoint(ckpt, expected_meta=self.meta())["replay"]
+        # The buffer is restored at the size it was saved with (checkpoints written
+        # before capacities were recorded used the configured one).
+        capacity = int(saved.get("capacity", self.cfg.replay.capacity))
+        if capacity != self.replay.capacity:
+            self.replay = self.make_replay(capacity)
         state = load_checkpoint(
-            find_checkpoint(str(path)),
+            ckpt,
             expected_meta=self.meta(),
             replay_buffer=self.replay.buffer,
             map_location=self.device,
@@ -337,6 +347,13 @@ def _log_line(counters: dict, fps: float, last_return: float, logged: dict) -> s
         f"step {counters['env_steps']} updates {counters['updates']} fps {fps:.1f} "
         f"return {last_return:.1f} {losses}"
     )
+
+
+def replay_capacity(cfg: DictConfig) -> int:
+    """The configured capacity, but no more than a run can fill: at most two steps per
+    env step (a final step per episode end) — so a short run's memmap buffer and its
+    checkpoints are not sized for millions of steps."""
+    return int(min(cfg.replay.capacity, 2 * cfg.train.total_steps + 1024))
 
 
 def fresh_scratch_dir(run_dir: Path) -> Path:
