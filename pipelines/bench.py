@@ -12,7 +12,8 @@ Rounds alternate between the contenders so a noisy machine hurts both alike; the
 round is reported. Peak memory of each is measured in a child process (it is a per-process
 figure). Prints a table and writes results/bench.json.
 
-Options (key=value): rounds=7, warmup=2, compile=true, acting_steps=2000, threads=0 (0: torch
+Options (key=value): rounds=7, warmup=2, compile=false (true adds the whole-update
+torch.compile: 10+ minutes of compilation on a 2-core CPU), acting_steps=2000, threads=0 (0: torch
 default), out=results/bench.json, memory=true.
 """
 
@@ -160,8 +161,9 @@ def race(contenders: dict, rounds: int, warmup: int, device) -> dict[str, list[f
     return times
 
 
-def acting_rate(steps: int, random: bool) -> float:
-    """Collector env steps/s on DMC walker-walk with our size1m policy or a random one."""
+def acting_rate(steps: int, random: bool, compiled: bool = True) -> float:
+    """Collector env steps/s on DMC walker-walk with our size1m policy (compiled acting
+    step, the pipeline default; its compile happens in the warm-up batches) or a random one."""
     from torchrl.collectors import Collector
     from torchrl.envs.utils import RandomPolicy
 
@@ -176,11 +178,11 @@ def acting_rate(steps: int, random: bool) -> float:
         env_fn = lambda: make_env(cfg, 0)  # noqa: E731
     else:
         agent = DreamerV3Agent.from_specs(probe.observation_spec, probe.action_spec, SIZE1M, {})
-        policy = make_policy(agent, probe.action_spec)
+        policy = make_policy(agent, probe.action_spec, compile=compiled)
         env_fn = lambda: acting_env(cfg, 0, policy)  # noqa: E731
     collector = Collector(env_fn, policy, frames_per_batch=100, total_frames=steps + 200)
     it = iter(collector)
-    next(it), next(it)  # warm-up
+    next(it), next(it)  # warm-up (and the acting step's compilation)
     start, n = time.perf_counter(), 0
     for batch in it:
         n += batch.numel()
@@ -213,7 +215,18 @@ def _mem_child(kind: str) -> None:
         fn = make_torchrl_update()[0]
     fn()
     fn()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(_peak_rss_mb())
+
+
+def _peak_rss_mb() -> float:
+    """This address space's high-water mark. (ru_maxrss would not do: Linux carries it
+    over from the parent across fork+exec, so every child reported the bench's own peak.)"""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def git_commit() -> str:
@@ -288,6 +301,7 @@ def main(argv: list[str]) -> int:
     print("acting (collector steps/s, DMC walker):", flush=True)
     report["cpu"]["acting_steps_per_second"] = {
         "policy": acting_rate(opts["acting_steps"], random=False),
+        "policy_eager": acting_rate(opts["acting_steps"], random=False, compiled=False),
         "random": acting_rate(opts["acting_steps"], random=True),
     }
     if opts["memory"]:
@@ -327,6 +341,7 @@ def print_table(report: dict) -> None:
         if act:
             rows += [
                 ("acting steps/s policy", f"{act['policy']:.0f}"),
+                ("acting steps/s policy (eager)", f"{act['policy_eager']:.0f}"),
                 ("acting steps/s random", f"{act['random']:.0f}"),
                 ("acting policy / random", f"{100 * act['policy'] / act['random']:.0f}%"),
             ]
