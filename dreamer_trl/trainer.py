@@ -27,6 +27,7 @@ from .checkpoint import capture_rng, find_checkpoint, load_checkpoint, restore_r
 from .envs import make_env
 from .policy import ActingPolicy
 from .replay import StepReplay
+from .report import open_loop_video
 from .tracking import Tracker, flatten_config
 from .transforms import IncomingReward
 
@@ -313,6 +314,7 @@ class Trainer:
                         next_ckpt += t.checkpoint_every
             if not self.returns or self.returns[-1][0] != c["env_steps"]:
                 self._eval_and_log(tracker, video=bool(cfg.eval.video))  # final evaluation
+                self._log_open_loop(tracker)
         except KeyboardInterrupt:
             status = "KILLED"
             bar.write("Interrupted: saving a checkpoint before exit…")
@@ -323,6 +325,13 @@ class Trainer:
         path = self.save()
         tracker.log_artifact(str(path / "meta.json"), "checkpoints")
         return {"status": status, "checkpoint": str(path), **self.counters}
+
+    def _log_open_loop(self, tracker: Tracker) -> None:
+        """Open-loop prediction video (pixel envs): real vs imagined frames."""
+        if not self.agent.obs_space.images or not self.replay.can_sample():
+            return
+        frames = open_loop_video(self.agent, self.replay.sample().to(self.device))
+        tracker.log_video(frames, "openloop.mp4", fps=10)
 
     def _eval_and_log(self, tracker: Tracker, video: bool) -> None:
         metrics, frames = self.evaluate(int(self.cfg.train.eval_episodes), video=video)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,7 +18,6 @@ from dreamer_trl.world_model import ObsSpace
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = dict(deter=64, hidden=16, classes=4, units=16, depth=2)
 FAST = {"optim": {"lr": 1e-3, "warmup": 0}}
-
 
 
 def walker_specs():
@@ -209,3 +209,33 @@ def test_image_agent_runs_one_update(with_vector):
     changed = [not torch.equal(p, b) for p, b in zip(agent.world_model.parameters(), before)]
     assert sum(changed) > 0.9 * len(changed)
     assert out["deter"].shape == (2, 3, 64) and out["stoch"].shape == (2, 3, 32, 4)
+
+
+def test_open_loop_video_layout():
+    """Real / predicted / error rows, one column per sequence, every replayed step."""
+    from tensordict import TensorDict
+
+    from dreamer_trl.report import open_loop_video
+
+    torch.manual_seed(0)
+    space = ObsSpace({}, {"pixels": (3, 64, 64)})
+    model = dict(deter=64, hidden=16, classes=4, units=16, depth=2)
+    agent = DreamerV3Agent(space, 2, False, model, {})
+    b, t1 = 3, 9
+    batch = TensorDict(
+        {
+            "pixels": torch.randint(0, 256, (b, t1, 3, 64, 64), dtype=torch.uint8),
+            "action": torch.rand(b, t1, 2) * 2 - 1,
+            "reward": torch.zeros(b, t1),
+            "is_first": torch.zeros(b, t1, dtype=torch.bool),
+            "is_last": torch.zeros(b, t1, dtype=torch.bool),
+            "is_terminal": torch.zeros(b, t1, dtype=torch.bool),
+            "deter": torch.zeros(b, t1, 64),
+            "stoch": torch.zeros(b, t1, 32, 4),
+        },
+        [b, t1],
+    )
+    frames = open_loop_video(agent, batch, context=3, columns=2)
+    assert frames.shape == (t1 - 1, 3 * 64, 2 * 64, 3) and frames.dtype == np.uint8
+    true = batch["pixels"][0, 1:].permute(0, 2, 3, 1).numpy()
+    assert (frames[:, :64, :64] == true).all()  # top-left tile: the real frames

@@ -237,6 +237,8 @@ def check_finished_run(store: str, env: str, run_dir: Path, run_id: str) -> None
     # Artifacts: the eval video (reset frame + one per step, 128×128 renders) and the rest.
     top = {f.path for f in client.list_artifacts(run_id)}
     assert {"eval_video.mp4", "config.yaml", "learning_curve.png", "checkpoints"} <= top, top
+    # Pixel envs also get the world model's open-loop prediction video.
+    assert ("openloop.mp4" in top) == (env in ("dmc_walker_vision", "atari_pong")), top
     assert [f.path for f in client.list_artifacts(run_id, "checkpoints")] == [
         "checkpoints/meta.json"
     ]
