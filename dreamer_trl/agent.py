@@ -129,12 +129,21 @@ class DreamerV3Agent(nn.Module):
             slowreg=algo.get("slowreg", 1.0),
             slow_rate=algo.get("slow_rate", 0.02),
             repval=algo.get("repval", True),
+            actor_grad=self._actor_grad(algo.get("actor_grad", "reinforce"), discrete),
             retnorm_rate=retnorm.get("rate", 0.01),
             retnorm_limit=retnorm.get("limit", 1.0),
         )
         self.loss.set_keys(observations=tuple(obs_space.keys))
         self.optimizer = make_optimizer(self, algo.get("optim", {}))
         self._loss_fn = self._loss_and_grads
+
+    @staticmethod
+    def _actor_grad(setting: str, discrete: bool) -> str:
+        """``auto`` (paper2023): backprop through the dynamics for continuous actions,
+        REINFORCE for discrete ones."""
+        if setting == "auto":
+            return "reinforce" if discrete else "dynamics"
+        return setting
 
     @classmethod
     def from_specs(

@@ -11,6 +11,8 @@ Shapes: B batch, T time, N = B·T imagination starts, H horizon, E feature.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +21,7 @@ from torch import Tensor
 from torchrl.objectives import LossModule
 
 from .actor_critic import Critic, ReturnNormalizer, SlowCritic
+from .distributions import sample_onehot_st
 from .functional import lambda_return
 from .heads import Actor
 from .sequence import Sequence, sequence_from_steps
@@ -48,6 +51,24 @@ class Imagination:
     weight: Tensor  # [N, H+1] cumulative product of continues
     ret: Tensor  # [N, H]
     extra: dict = field(default_factory=dict)
+
+    def detached(self) -> Imagination:
+        """The same rollout cut from any graph (a dynamics-backprop rollout has one)."""
+        if "actor_params" not in self.extra:
+            return self
+        cut = [
+            x.detach()
+            for x in (
+                self.feat,
+                self.action,
+                self.reward,
+                self.cont,
+                self.value,
+                self.weight,
+                self.ret,
+            )
+        ]
+        return Imagination(*cut)
 
 
 class _DreamerLossBase(LossModule):
@@ -104,6 +125,12 @@ class ActorLoss(LossModule):
     Reads start states ``deter`` [N, D], ``stoch`` [N, S, C]; imagines H steps with the
     actor under the prior, computes λ-returns bootstrapped by the critic and updates the
     percentile return normaliser.
+
+    ``actor_grad="dynamics"`` (paper2023, continuous actions): the rollout keeps its graph,
+    actions are reparameterised samples, and the loss is −w·(R/S + η·H[π]) — the return's
+    gradient flows back through rewards, continues, values and the dynamics into the
+    actor. World-model and critic parameters are frozen during that rollout, so this loss
+    trains the actor alone, as the paper's separate actor optimiser did.
     """
 
     def __init__(
@@ -116,11 +143,48 @@ class ActorLoss(LossModule):
         lam: float = 0.95,
         entropy: float = 3e-4,
         scale: float = 1.0,
+        actor_grad: str = "reinforce",
     ):
         super().__init__()
+        if actor_grad not in ("reinforce", "dynamics"):
+            raise ValueError(f"actor_grad {actor_grad!r} unknown; valid: reinforce, dynamics")
+        if actor_grad == "dynamics" and actor.discrete:
+            raise ValueError(
+                "actor_grad='dynamics' needs continuous actions (paper2023 used "
+                "REINFORCE for discrete ones); use actor_grad='reinforce'"
+            )
         self.world_model, self.actor, self.critic = world_model, actor, critic
         self.return_norm = return_norm or ReturnNormalizer()
         self.horizon, self.lam, self.entropy, self.scale = horizon, lam, entropy, scale
+        self.actor_grad = actor_grad
+
+    def imagine_dynamics(self, deter: Tensor, stoch: Tensor) -> Imagination:
+        """Rollout with a graph through the dynamics (``actor_grad="dynamics"``)."""
+        wm, actor = self.world_model, self.actor
+        with frozen(wm, self.critic):
+            feats, params, actions = [torch.cat([deter, stoch.flatten(-2)], -1).detach()], [], []
+            d, s = deter.detach(), stoch.detach()
+            for _ in range(self.horizon):
+                params.append(actor(feats[-1]))
+                mean, std = params[-1].chunk(2, -1)
+                actions.append(mean + std * torch.randn_like(std))  # reparameterised
+                d, prior = wm.rssm.img_step(d, s, actions[-1])
+                s = sample_onehot_st(prior)
+                feats.append(torch.cat([d, s.flatten(-2)], -1))
+            feat = torch.stack(feats, 1)
+            reward = wm.reward.predict(wm.reward(feat))
+            cont = torch.sigmoid(wm.cont(feat))
+            value = self.critic.predict(self.critic(feat))
+        weight = torch.cumprod(cont, 1).detach()
+        ret = lambda_return(reward, cont, value, self.lam)
+        extra = {"actor_params": torch.stack(params, 1)}
+        return Imagination(feat, torch.stack(actions, 1), reward, cont, value, weight, ret, extra)
+
+    def rollout(self, deter: Tensor, stoch: Tensor) -> Imagination:
+        """The imagination this loss trains on (:meth:`imagine` or :meth:`imagine_dynamics`)."""
+        if self.actor_grad == "dynamics":
+            return self.imagine_dynamics(deter, stoch)
+        return self.imagine(deter, stoch)
 
     def imagine(self, deter: Tensor, stoch: Tensor) -> Imagination:
         wm = self.world_model
@@ -140,14 +204,23 @@ class ActorLoss(LossModule):
     def policy_terms(self, img: Imagination, update_norm: bool = True):
         scale = self.return_norm(img.ret, update=update_norm)
         adv = (img.ret - img.value[:, :-1]) / scale
+        weight = img.weight[:, :-1].detach()
+        if "actor_params" in img.extra:  # dynamics backprop: the return itself is the loss
+            params = img.extra["actor_params"]
+            ent = self.actor.entropy(params)
+            loss = weight * -(img.ret / scale + self.entropy * ent)
+            return loss.mean(1), self._metrics(img, ent, scale, adv)
         # One batched actor pass with a graph over all imagined states; the rollout's
         # actor calls ran without one (the rollout buffer is written in place).
         params = self.actor(img.feat[:, :-1])
         logpi = self.actor.log_prob(params, img.action[:, : params.shape[1]])
         ent = self.actor.entropy(params)
-        weight = img.weight[:, :-1]
         loss = weight * -(logpi * adv.detach() + self.entropy * ent)
-        metrics = {
+        return loss.mean(1), self._metrics(img, ent, scale, adv)
+
+    @staticmethod
+    def _metrics(img: Imagination, ent: Tensor, scale: Tensor, adv: Tensor) -> dict:
+        return {
             "actor_entropy": ent.mean().detach(),
             "return_scale": scale.detach(),
             "adv_mag": adv.abs().mean().detach(),
@@ -157,11 +230,10 @@ class ActorLoss(LossModule):
             "imag_cont": img.cont.mean().detach(),
             "imag_weight": img.weight.mean().detach(),
         }
-        return loss.mean(1), metrics
 
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
         deter, stoch = tensordict.get("deter"), tensordict.get("stoch")
-        img = self.imagine(deter.reshape(-1, deter.shape[-1]), stoch.reshape(-1, *stoch.shape[-2:]))
+        img = self.rollout(deter.reshape(-1, deter.shape[-1]), stoch.reshape(-1, *stoch.shape[-2:]))
         loss, metrics = self.policy_terms(img)
         out = TensorDict({"loss_policy": self.scale * loss.mean()}, batch_size=[])
         out.update(metrics)
@@ -243,6 +315,7 @@ class DreamerV3Loss(_DreamerLossBase):
         slowreg: float = 1.0,
         slow_rate: float = 0.02,
         repval: bool = True,
+        actor_grad: str = "reinforce",
         retnorm_rate: float = 0.01,
         retnorm_limit: float = 1.0,
     ):
@@ -258,6 +331,7 @@ class DreamerV3Loss(_DreamerLossBase):
             imag_horizon,
             lam,
             actor_entropy,
+            actor_grad=actor_grad,
         )
         self.critic_loss = CriticLoss(
             critic, SlowCritic(critic, slow_rate), slowreg, lam, world_model.horizon
@@ -276,11 +350,11 @@ class DreamerV3Loss(_DreamerLossBase):
         """Plain-tensor core: (unscaled per-item losses, metrics, deter, stoch)."""
         losses, feat, deter, stoch, metrics = self.wm_loss.observe(seq)
         b, t = deter.shape[:2]
-        img = self.actor_loss.imagine(deter.flatten(0, 1), stoch.flatten(0, 1))
+        img = self.actor_loss.rollout(deter.flatten(0, 1), stoch.flatten(0, 1))
         losses["policy"], actor_metrics = self.actor_loss.policy_terms(img)
-        losses["value"] = self.critic_loss.value_terms(img)
+        losses["value"] = self.critic_loss.value_terms(img.detached())
         if self.repval:
-            boot = img.ret[:, 0].view(b, t)
+            boot = img.ret[:, 0].detach().view(b, t)
             losses["repval"] = self.critic_loss.repval_terms(feat, seq, boot)
         metrics.update(actor_metrics)
         return losses, metrics, deter, stoch
@@ -298,6 +372,19 @@ class DreamerV3Loss(_DreamerLossBase):
 
 def _scaled(losses: dict[str, Tensor], scales: dict[str, float]) -> TensorDict:
     return TensorDict({f"loss_{k}": scales[k] * v.mean() for k, v in losses.items()})
+
+
+@contextmanager
+def frozen(*modules: torch.nn.Module) -> Iterator[None]:
+    """Parameters of ``modules`` take no gradient inside the block; activations still do."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def total_loss(out: TensorDictBase) -> Tensor:

@@ -465,3 +465,48 @@ def test_steps_become_sequences():
     assert seq.is_terminal[0].tolist() == [False, False, True, False]
     # the context is step 0's stored latent
     assert seq.deter[0, 0].item() == 10 and seq.deter[1, 0].item() == 12
+
+
+def test_dynamics_backprop_actor_trains_the_actor_only():
+    """paper2023 continuous actor: the return's gradient reaches the actor through the
+    dynamics, and neither world-model nor critic parameters get any of it."""
+    from dreamer_trl.agent import DreamerV3Agent
+    from dreamer_trl.world_model import ObsSpace
+
+    torch.manual_seed(0)
+    model = dict(deter=64, hidden=16, classes=4, units=16, depth=2)
+    agent = DreamerV3Agent(
+        ObsSpace({"observation": OBS}, {}),
+        ACT,
+        False,
+        model,
+        {"actor_grad": "auto", "loss_scales": {"repval": 0.0}},
+    )
+    assert agent.loss.actor_loss.actor_grad == "dynamics"
+    for head in (agent.world_model.reward.out, agent.critic.out):  # zero-init blocks grads
+        torch.nn.init.normal_(head.weight, std=0.1)
+    rssm = agent.world_model.rssm
+    deter = torch.randn(8, rssm.deter)
+    stoch = F.one_hot(torch.randint(0, rssm.classes, (8, rssm.stoch)), rssm.classes).float()
+    img = agent.loss.actor_loss.rollout(deter, stoch)
+    assert img.feat.requires_grad and img.ret.requires_grad
+    loss, _ = agent.loss.actor_loss.policy_terms(img)
+    loss.mean().backward()
+    assert _has_grad(agent.actor)
+    assert _grad_free(agent.world_model) and _grad_free(agent.critic)
+    assert all(p.requires_grad for p in agent.world_model.parameters())  # unfrozen after
+
+
+def test_dynamics_backprop_rejects_discrete_actions():
+    from dreamer_trl.agent import DreamerV3Agent
+    from dreamer_trl.world_model import ObsSpace
+
+    model = dict(deter=64, hidden=16, classes=4, units=16, depth=2)
+    with pytest.raises(ValueError, match="continuous"):
+        DreamerV3Agent(
+            ObsSpace({"observation": OBS}, {}), 3, True, model, {"actor_grad": "dynamics"}
+        )
+    agent = DreamerV3Agent(
+        ObsSpace({"observation": OBS}, {}), 3, True, model, {"actor_grad": "auto"}
+    )
+    assert agent.loss.actor_loss.actor_grad == "reinforce"
