@@ -38,7 +38,7 @@ from pipelines.common import ConfigError, run_cli  # noqa: E402
 OPTIONS = {
     "rounds": 7,
     "warmup": 2,
-    "compile": True,
+    "compile": False,
     "acting_steps": 2000,
     "threads": 0,
     "out": "results/bench.json",
