@@ -109,6 +109,7 @@ class Trainer:
         }
         self._clock = None  # (time.time() at train start, wall_seconds then)
         self.mlflow_run_id: str | None = None
+        self.commit = _git_commit()  # of the code that started the run (kept on resume)
         self.returns: list[tuple[int, float]] = []  # (env step, eval return)
 
     # ---- checkpoints ---------------------------------------------------------------
@@ -134,6 +135,7 @@ class Trainer:
             "meta": self.meta(),
             "mlflow_run_id": self.mlflow_run_id,
             "eval_returns": list(self.returns),
+            "commit": self.commit,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
@@ -177,6 +179,7 @@ class Trainer:
         self.replay.load_state_dict(state["replay"])
         restore_rng(state["rng"])
         self.mlflow_run_id = state.get("mlflow_run_id")
+        self.commit = state.get("commit", "unrecorded")
         self.returns = [tuple(x) for x in state.get("eval_returns", [])]
 
     # ---- one training step -----------------------------------------------------------
@@ -356,6 +359,18 @@ def _log_line(counters: dict, fps: float, last_return: float, logged: dict) -> s
         f"step {counters['env_steps']} updates {counters['updates']} fps {fps:.1f} "
         f"return {last_return:.1f} {losses}"
     )
+
+
+def _git_commit() -> str:
+    import subprocess
+
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent,
+    )
+    return out.stdout.strip() or "unknown"
 
 
 def replay_capacity(cfg: DictConfig) -> int:

@@ -120,7 +120,7 @@ def write_result(task: str, seed: int) -> dict | None:
         "final_eval_return": float(evals[-1][1]) if evals else None,
         "complete": state["counters"]["env_steps"] >= cfg["train"]["total_steps"],
         "wall_seconds": state["counters"].get("wall_seconds"),
-        "commit": _commit(),
+        "commit": state.get("commit", "unrecorded"),
         "date": time.strftime("%Y-%m-%d"),
         "mlflow_run_id": state.get("mlflow_run_id"),
         "config": cfg,
