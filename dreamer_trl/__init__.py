@@ -3,7 +3,9 @@
 Pieces a TorchRL pipeline can take one by one (see docs/architecture.md):
 
 * models: :class:`WorldModel` (encoder, :class:`RSSM`, decoder, reward and continue
-  heads), :class:`Actor`, :class:`Critic` with :class:`SlowCritic`;
+  heads), :class:`Actor`, :class:`Critic` with :class:`SlowCritic`; as TensorDict
+  modules with documented keys: :func:`world_model_module`, :func:`actor_module`,
+  :func:`critic_module`, :func:`slow_critic_module`;
 * losses (TorchRL ``LossModule``): :class:`DreamerV3Loss` (everything, each piece once),
   :class:`WorldModelLoss`, :class:`ActorLoss`, :class:`CriticLoss`;
 * :class:`LaProp` — the reference optimiser (AGC → RMS → momentum, warmup);
@@ -20,6 +22,7 @@ from .agent import DreamerV3Agent, action_info, obs_space_from_spec
 from .envs import make_env
 from .heads import Actor
 from .losses import ActorLoss, CriticLoss, DreamerV3Loss, WorldModelLoss, total_loss
+from .modules import actor_module, critic_module, slow_critic_module, world_model_module
 from .optim import LaProp
 from .policy import ActingPolicy
 from .replay import StepReplay
@@ -54,5 +57,9 @@ __all__ = [
     "sequence_from_steps",
     "total_loss",
     "transitions_to_steps",
+    "actor_module",
+    "critic_module",
+    "slow_critic_module",
+    "world_model_module",
 ]
 __version__ = "0.1.0"

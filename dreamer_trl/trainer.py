@@ -277,9 +277,12 @@ class Trainer:
                         rets = batch.get(("next", "episode_reward")).reshape(-1)[ends]
                         c["episodes"] += int(ends.sum())
                         last_return = float(rets[-1])
-                        tracker.log_metrics(
-                            {"train/episode_return": float(rets.mean())}, c["env_steps"]
-                        )
+                        lengths = batch.get(("next", "step_count")).reshape(-1)[ends]
+                        episode = {
+                            "train/episode_return": float(rets.mean()),
+                            "train/episode_length": float(lengths.float().mean()),
+                        }
+                        tracker.log_metrics(episode, c["env_steps"])
                     for _ in range(self.updates_for(n)):
                         out = self.update()
                         for k, v in out.items():

@@ -267,3 +267,34 @@ def test_paper2023_config_updates(discrete):
         out = agent.update(batch)
     assert all(torch.isfinite(v) for k, v in out.items() if k.startswith("loss_"))
     assert any((a != b).any() for a, b in zip(before, agent.actor.parameters()))
+
+
+def test_tensordict_modules_keys():
+    """World model, actor and critic as TensorDict modules with the documented keys."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from dreamer_trl.modules import (
+        actor_module,
+        critic_module,
+        slow_critic_module,
+        world_model_module,
+    )
+    from pipelines.bench import synthetic_batch
+
+    torch.manual_seed(0)
+    model = dict(deter=64, hidden=16, classes=4, units=16, depth=2)
+    agent = DreamerV3Agent(ObsSpace({"observation": 24}, {}), 6, False, model, {})
+    batch = synthetic_batch(2, 8, {"observation": (24,)}, 6, 64, 4, "cpu")
+    out = world_model_module(agent.world_model)(batch)
+    assert out.batch_size == (2, 8)
+    assert out["posterior", "deter"].shape == (2, 8, 64)
+    assert out["posterior", "stoch"].shape == out["prior", "logits"].shape == (2, 8, 32, 4)
+    assert out["feat"].shape == (2, 8, 64 + 128)
+    out = actor_module(agent.actor)(out)
+    assert out["action"].shape == (2, 8, 6) and out["action_params"].shape == (2, 8, 12)
+    value = critic_module(agent.critic)(out.clone())["state_value"]
+    slow = slow_critic_module(agent.loss.slow_critic)(out.clone())["state_value"]
+    assert value.shape == slow.shape == (2, 8)
+    torch.testing.assert_close(value, slow)  # the slow critic starts as a copy
