@@ -98,4 +98,5 @@ class ReturnNormalizer(PercentileValueNorm):
         for old, new in (("lo", "low"), ("hi", "high")):  # checkpoints before this class
             if prefix + old in state_dict:
                 state_dict[prefix + new] = state_dict.pop(prefix + old).reshape(1)
+        state_dict.pop(prefix + "quantiles", None)  # a constant those checkpoints stored
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -510,3 +510,16 @@ def test_dynamics_backprop_rejects_discrete_actions():
         ObsSpace({"observation": OBS}, {}), 3, True, model, {"actor_grad": "auto"}
     )
     assert agent.loss.actor_loss.actor_grad == "reinforce"
+
+
+def test_return_normalizer_loads_checkpoints_of_the_earlier_layout():
+    """Runs started before the switch to PercentileValueNorm stored lo/hi/quantiles."""
+    norm = ReturnNormalizer()
+    old = {
+        "lo": torch.tensor(-2.0),
+        "hi": torch.tensor(3.0),
+        "quantiles": torch.tensor([0.05, 0.95]),
+    }
+    norm.load_state_dict(old)
+    assert norm.lo.item() == -2.0 and norm.hi.item() == 3.0
+    assert norm(torch.zeros(4), update=False).item() == 5.0
