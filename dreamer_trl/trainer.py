@@ -18,7 +18,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDictBase
 from torchrl.collectors import Collector, MultiAsyncCollector
-from torchrl.envs import EnvBase, TransformedEnv
+from torchrl.data import Composite, Unbounded
+from torchrl.envs import EnvBase, TensorDictPrimer, TransformedEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
@@ -56,20 +57,37 @@ def make_policy(
     return policy
 
 
-def acting_env(env_cfg: Mapping, seed: int, policy: ActingPolicy, render: bool = False) -> EnvBase:
-    """An env with the transforms acting needs: incoming reward and the recurrent primer."""
+def acting_env(
+    env_cfg: Mapping, seed: int, policy: ActingPolicy, render: bool = False, stream: int = 0
+) -> EnvBase:
+    """An env with the transforms acting needs: incoming reward, the recurrent primer and
+    a constant ``stream`` id, so replay keeps each worker's steps one stream of its own."""
     env = make_env(env_cfg, seed, render=render)
     env = env if isinstance(env, TransformedEnv) else TransformedEnv(env)
     env.append_transform(IncomingReward())
     env.append_transform(policy.make_primer())
+    env.append_transform(
+        TensorDictPrimer(
+            Composite(stream=Unbounded(shape=(), dtype=torch.int64)),
+            default_value=stream,
+            expand_specs=True,
+        )
+    )
     return env
+
+
+def stream_of(batch: TensorDictBase) -> int:
+    """The env stream a single-env collector batch [F] came from."""
+    return int(batch.get("stream").reshape(-1)[0]) if "stream" in batch.keys() else 0
 
 
 def make_collector(cfg: DictConfig, policy: ActingPolicy, seed: int):
     """``Collector`` in this process, or ``MultiAsyncCollector`` over worker processes."""
     env_cfg = OmegaConf.to_container(cfg.env, resolve=True)
     workers = int(cfg.collector.num_workers)
-    fns = [functools.partial(acting_env, env_cfg, seed + i, policy) for i in range(workers)]
+    fns = [
+        functools.partial(acting_env, env_cfg, seed + i, policy, stream=i) for i in range(workers)
+    ]
     kwargs = dict(
         frames_per_batch=int(cfg.collector.frames_per_batch),
         total_frames=-1,
@@ -270,7 +288,7 @@ class Trainer:
             if not done:
                 for batch in collector:
                     n = batch.numel()
-                    self.replay.extend(batch.cpu())
+                    self.replay.extend(batch.cpu(), stream=stream_of(batch))
                     c["env_steps"] += n
                     ends = batch.get(("next", "done")).reshape(-1)
                     if ends.any():

@@ -549,3 +549,22 @@ def test_make_train_runs_the_pipeline():
     assert dry_run("train", "ENV=pendulum", "ARGS=seed=1 model=size12m") == [
         [".venv/bin/python", "pipelines/train.py", "env=pendulum", "seed=1", "model=size12m"]
     ]
+
+
+def test_multi_async_collector_trains(workdir, capsys):
+    """collector.num_workers > 1 selects MultiAsyncCollector; training runs through it and
+    the prefill flag reaches the workers' policy copies."""
+    run_dir = workdir / "run"
+    code, out = run_train(
+        capsys,
+        [
+            *tiny("cartpole"),
+            "collector.num_workers=2",
+            "train.total_steps=96",
+            f"run_dir={run_dir}",
+        ],
+    )
+    assert code == 0, out
+    state = torch.load(run_dir / "checkpoints" / "step_96" / "state.pt", weights_only=False)
+    assert state["counters"]["env_steps"] == 96 and state["counters"]["updates"] > 0
+    assert set(state["replay"]["stream_steps"]) == {0, 1}  # one step stream per worker env
