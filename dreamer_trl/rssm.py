@@ -66,7 +66,16 @@ class RSSM(nn.Module):
         deter = torch.zeros(batch, self.deter, device=device)
         return deter, torch.zeros(batch, self.stoch, self.classes, device=device)
 
-    def core(self, deter: Tensor, stoch: Tensor, act_emb: Tensor) -> Tensor:
+    def shared_weight(self) -> Tensor:
+        """x's share of every dynhid block as one dense [3·hidden, D] matrix. A copy of
+        the weight: loops build it once per rollout and pass it to :meth:`core`."""
+        k = self.deter // self.blocks
+        w = self.dynhid.weight[:, k:, :]
+        return w.transpose(0, 1).reshape(w.shape[1], self.deter)
+
+    def core(
+        self, deter: Tensor, stoch: Tensor, act_emb: Tensor, w_shared: Tensor | None = None
+    ) -> Tensor:
         """Block-GRU step h' = f(h, z, a), with ``act_emb`` = dynin2(a) precomputed.
 
         Block g of ``dynhid`` sees [deter slice g, x] where x = [dynin0(h), dynin1(z),
@@ -78,7 +87,7 @@ class RSSM(nn.Module):
         k = self.deter // g
         x = torch.cat([self.dynin0(deter), self.dynin1(stoch.flatten(-2)), act_emb], -1)
         w = self.dynhid.weight  # [G, k + 3·hidden, k]
-        shared = x @ w[:, k:, :].transpose(0, 1).reshape(x.shape[-1], self.deter)
+        shared = x @ (self.shared_weight() if w_shared is None else w_shared)
         x = block_matmul(deter, w[:, :k, :], self.dynhid.bias, base=shared)
         x = nn.functional.silu(self.dynhid_norm(x))
         gates = self.dyngru(x).view(n, g, 3, k)
@@ -130,10 +139,11 @@ class RSSM(nn.Module):
         keep = (~is_first).to(tokens.dtype)
         act_emb = self.embed_action(prev_action * keep.unsqueeze(-1))
         token_part = self._token_part(tokens)
+        w_shared = self.shared_weight()
         deters, stochs, posts = [], [], []
         for t in range(tokens.shape[1]):
             k = keep[:, t].unsqueeze(-1)
-            deter = self.core(deter * k, stoch * k.unsqueeze(-1), act_emb[:, t])
+            deter = self.core(deter * k, stoch * k.unsqueeze(-1), act_emb[:, t], w_shared)
             post = self._post_from_parts(deter, token_part[:, t])
             stoch = sample_onehot_st(post)
             deters.append(deter)
@@ -154,9 +164,11 @@ class RSSM(nn.Module):
         post = self._post_from_parts(deter, self._token_part(token))
         return deter, sample_onehot_st(post), post
 
-    def img_step(self, deter: Tensor, stoch: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
+    def img_step(
+        self, deter: Tensor, stoch: Tensor, action: Tensor, w_shared: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """One prior step: (deter', prior logits)."""
-        deter = self.core(deter, stoch, self.embed_action(action))
+        deter = self.core(deter, stoch, self.embed_action(action), w_shared)
         return deter, self.prior(deter)
 
     def imagine(
@@ -198,10 +210,10 @@ class RSSM(nn.Module):
             feat = deter.new_empty(n, horizon + 1, self.feat_dim)
             feat[:, 0, :d] = deter
             feat[:, 0, d:] = stoch.flatten(-2)
-            actions = []
+            actions, w_shared = [], self.shared_weight()
             for t in range(horizon):
                 action = policy(feat[:, t])
-                deter, prior = self.img_step(deter, stoch, action)
+                deter, prior = self.img_step(deter, stoch, action, w_shared)
                 stoch = sample_onehot(prior)
                 feat[:, t + 1, :d] = deter
                 feat[:, t + 1, d:] = stoch.flatten(-2)
