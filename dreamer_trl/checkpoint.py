@@ -255,7 +255,7 @@ def _remove_stale_tmp_dirs(ckpt_root: Path) -> None:
         match = _TMP_RE.match(child.name)
         if not match or _pid_alive(int(match.group(1))):
             continue
-        original = ckpt_root / child.name[len(".old-"):].rsplit("-", 1)[0]
+        original = ckpt_root / child.name[len(".old-") :].rsplit("-", 1)[0]
         if child.name.startswith(".old-") and not original.exists():
             # Killed between the two renames in _publish: this is the only copy; restore it.
             os.replace(child, original)
@@ -295,8 +295,9 @@ def find_checkpoint(path_or_run: str | Path) -> Path:
     if path.is_file():
         if path.name == STATE_FILE:
             return path.parent
-        raise CheckpointError(f"no checkpoint at {path}: it is a file but not {STATE_FILE} "
-                              f"({_EXPECTED})")
+        raise CheckpointError(
+            f"no checkpoint at {path}: it is a file but not {STATE_FILE} ({_EXPECTED})"
+        )
     if (path / STATE_FILE).is_file():
         return path
     ckpt_root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
@@ -313,8 +314,11 @@ def _from_latest(ckpt_root: Path) -> Path | None:
     target = ckpt_root / pointer.read_text().strip()
     if (target / STATE_FILE).is_file():
         return target
-    log.warning("%s names %s, which is not a complete checkpoint; using the newest "
-                "complete one instead", pointer, target)
+    log.warning(
+        "%s names %s, which is not a complete checkpoint; using the newest complete one instead",
+        pointer,
+        target,
+    )
     return None
 
 
@@ -359,8 +363,14 @@ def _read_state(path: Path, map_location: str | torch.device) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {path} refers to code that is not importable here: {exc}"
         ) from exc
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
-            OSError) as exc:
+    except (
+        RuntimeError,
+        EOFError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,
+    ) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {exc}") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
@@ -384,13 +394,16 @@ def _check_meta(ckpt: Path, stored: dict[str, Any], expected: dict[str, Any]) ->
     problems = []
     for key, want in expected.items():
         if key not in stored:
-            problems.append(f"checkpoint has no {key!s} recorded, this run asks for "
-                            f"{key}={_normalise(want)}")
+            problems.append(
+                f"checkpoint has no {key!s} recorded, this run asks for {key}={_normalise(want)}"
+            )
             continue
         have = stored[key]
         if _normalise(have) != _normalise(want):
-            problems.append(f"checkpoint was trained with {key}={_normalise(have)}, "
-                            f"this run asks for {key}={_normalise(want)}")
+            problems.append(
+                f"checkpoint was trained with {key}={_normalise(have)}, "
+                f"this run asks for {key}={_normalise(want)}"
+            )
     if problems:
         raise CheckpointError(f"checkpoint {ckpt} does not match this run: " + "; ".join(problems))
 

@@ -12,6 +12,8 @@ from .distributions import (
     binary_log_prob,
     bounded_normal,
     categorical_entropy,
+    log_softmax_small,
+    mode_onehot,
     normal_entropy,
     normal_log_prob,
     sample_onehot,
@@ -113,7 +115,7 @@ class Actor(nn.Module):
     def forward(self, feat: Tensor) -> Tensor:
         x = self.out(self.mlp(feat))
         if self.discrete:
-            return torch.log_softmax(x, -1)
+            return log_softmax_small(x)
         mean, std = bounded_normal(*x.chunk(2, -1), self.minstd, self.maxstd)
         return torch.cat([mean, std], -1)
 
@@ -126,7 +128,7 @@ class Actor(nn.Module):
 
     def mode(self, params: Tensor) -> Tensor:
         if self.discrete:
-            return nn.functional.one_hot(params.argmax(-1), self.action_dim).to(params.dtype)
+            return mode_onehot(params)
         return params.chunk(2, -1)[0]
 
     def log_prob(self, params: Tensor, action: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .distributions import sample_onehot, sample_onehot_st, unimix_logits
+from .distributions import sample_onehot_st, sample_probs, unimix_logits, unimix_probs
 from .nets import BlockLinear, HiddenLayer, Linear, block_matmul, make_norm
 
 
@@ -104,8 +104,12 @@ class RSSM(nn.Module):
 
     def prior(self, deter: Tensor) -> Tensor:
         """Prior logits [.., S, C] (log-probs, unimixed) from deter [.., D]."""
+        return torch.log(self.prior_probs(deter))
+
+    def prior_probs(self, deter: Tensor) -> Tensor:
+        """Prior probabilities [.., S, C] (unimixed): what imagination samples from."""
         logits = self.prior_logit(self.prior_net(deter))
-        return unimix_logits(logits.unflatten(-1, (self.stoch, self.classes)), self.unimix)
+        return unimix_probs(logits.unflatten(-1, (self.stoch, self.classes)), self.unimix)
 
     def _post_from_parts(self, deter: Tensor, token_part: Tensor) -> Tensor:
         """Posterior logits from deter and the token half of the first layer's matmul."""
@@ -171,6 +175,11 @@ class RSSM(nn.Module):
         deter = self.core(deter, stoch, self.embed_action(action), w_shared)
         return deter, self.prior(deter)
 
+    def _img_sample(self, deter: Tensor, stoch: Tensor, action: Tensor, w_shared: Tensor):
+        """:meth:`img_step` returning (deter', one-hot prior sample), without the logs."""
+        deter = self.core(deter, stoch, self.embed_action(action), w_shared)
+        return deter, sample_probs(self.prior_probs(deter))
+
     def imagine(
         self,
         deter: Tensor,
@@ -213,8 +222,7 @@ class RSSM(nn.Module):
             actions, w_shared = [], self.shared_weight()
             for t in range(horizon):
                 action = policy(feat[:, t])
-                deter, prior = self.img_step(deter, stoch, action, w_shared)
-                stoch = sample_onehot(prior)
+                deter, stoch = self._img_sample(deter, stoch, action, w_shared)
                 feat[:, t + 1, :d] = deter
                 feat[:, t + 1, d:] = stoch.flatten(-2)
                 actions.append(action)

@@ -187,14 +187,15 @@ class Tracker:
         flat = self._drop_existing(flat)
         items = [Param(key, value) for key, value in flat.items()]
         for start in range(0, len(items), _BATCH):
-            self._client.log_batch(self._run_id, params=items[start:start + _BATCH])
+            self._client.log_batch(self._run_id, params=items[start : start + _BATCH])
 
     def _drop_existing(self, flat: dict[str, str]) -> dict[str, str]:
         existing = getattr(self, "_existing_params", None)
         if not existing:
             return flat
-        changed = {k: (existing[k], v) for k, v in flat.items() if k in existing
-                   and existing[k] != v}
+        changed = {
+            k: (existing[k], v) for k, v in flat.items() if k in existing and existing[k] != v
+        }
         if changed:
             log.warning("resumed run %s: not re-logging changed params %s", self._run_id, changed)
         return {k: v for k, v in flat.items() if k not in existing}
@@ -213,7 +214,7 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(key, value, now, int(step)) for key, value in values.items()]
         for start in range(0, len(items), 10 * _BATCH):
-            self._client.log_batch(self._run_id, metrics=items[start:start + 10 * _BATCH])
+            self._client.log_batch(self._run_id, metrics=items[start : start + 10 * _BATCH])
 
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
         """Copy a file (or a whole directory's contents) into the run's artefacts."""
@@ -319,8 +320,14 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 30) -> Path:
     import imageio.v2 as imageio
 
     # macro_block_size=2: keep small frames (64x64) at their size instead of upscaling to 16k.
-    with imageio.get_writer(str(path), format="FFMPEG", fps=fps, codec="libx264",
-                            pixelformat="yuv420p", macro_block_size=2) as writer:
+    with imageio.get_writer(
+        str(path),
+        format="FFMPEG",
+        fps=fps,
+        codec="libx264",
+        pixelformat="yuv420p",
+        macro_block_size=2,
+    ) as writer:
         for frame in frames:
             writer.append_data(frame)
     return Path(path)
@@ -423,9 +430,11 @@ def _read_runs(path: Path) -> list[dict[str, Any]]:
 
 def _clean_run(run: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
     """Sorted ``(xs, ys)`` without null/NaN points, or None if nothing is left."""
-    pairs = [(float(x), float(y)) for x, y in zip(run.get("xs", []), run.get("ys", []),
-                                                   strict=False)
-             if x is not None and y is not None and math.isfinite(float(y))]
+    pairs = [
+        (float(x), float(y))
+        for x, y in zip(run.get("xs", []), run.get("ys", []), strict=False)
+        if x is not None and y is not None and math.isfinite(float(y))
+    ]
     if not pairs:
         return None
     xs, ys = np.asarray(sorted(pairs)).T

@@ -266,10 +266,14 @@ def test_done_based_slices_respect_write_head_after_load(tmp_path: Path) -> None
     Without it, an end_key SliceSampler joins the newest unfinished episode (no done yet)
     to the stale data that follows it in memory.
     """
+
     def done_buffer(scratch: Path) -> TensorDictReplayBuffer:
         sampler = SliceSampler(slice_len=SLICE_LEN, end_key=("next", "done"), strict_length=True)
-        return TensorDictReplayBuffer(storage=LazyMemmapStorage(1000, scratch_dir=scratch),
-                                      sampler=sampler, batch_size=4 * SLICE_LEN)
+        return TensorDictReplayBuffer(
+            storage=LazyMemmapStorage(1000, scratch_dir=scratch),
+            sampler=sampler,
+            batch_size=4 * SLICE_LEN,
+        )
 
     rb = done_buffer(tmp_path / "a")
     rb.extend(make_batch(1000, first_traj=0))
@@ -387,8 +391,15 @@ def crashed_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for point in KILL_POINTS:
         run_dir, ready = base / point / "run", base / point / "ready"
         run_dir.mkdir(parents=True)
-        args = [sys.executable, str(script), str(run_dir), point, str(ready),
-                str(REPO_ROOT), str(Path(__file__).parent)]
+        args = [
+            sys.executable,
+            str(script),
+            str(run_dir),
+            point,
+            str(ready),
+            str(REPO_ROOT),
+            str(Path(__file__).parent),
+        ]
         children[point] = (subprocess.Popen(args, stderr=subprocess.PIPE), ready, run_dir)
     try:
         for point, (proc, ready, _) in children.items():
@@ -422,8 +433,10 @@ def test_sigkill_mid_save_leaves_a_loadable_checkpoint(
     names = {p.name.rsplit("-", 1)[0] for p in root.iterdir()}
     latest = (root / "latest").read_text().strip()
     debris = {  # what the kill really interrupted, so the test cannot pass vacuously
-        "state": {".tmp-step_200"}, "replay": {".tmp-step_200"},
-        "pointer": {"step_200"}, "prune": {".del-step_100"},
+        "state": {".tmp-step_200"},
+        "replay": {".tmp-step_200"},
+        "pointer": {"step_200"},
+        "prune": {".del-step_100"},
     }[point]
     assert debris <= names and latest == f"step_{survivor}"
 

@@ -14,11 +14,14 @@ from dreamer_trl.distributions import (
     bounded_normal,
     categorical_entropy,
     categorical_kl,
+    log_softmax_small,
     mode_onehot,
     normal_entropy,
     normal_log_prob,
     sample_onehot,
     sample_onehot_st,
+    sample_probs,
+    softmax_small,
     unimix_logits,
 )
 from dreamer_trl.heads import Actor
@@ -87,6 +90,32 @@ def test_sample_onehot_frequencies_match_probs():
     logits = torch.log(probs).expand(20000, 3)
     freq = sample_onehot(logits).mean(0)
     torch.testing.assert_close(freq, probs, rtol=0, atol=0.015)
+
+
+def test_sample_probs_never_picks_a_zero_probability_class():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.5]).expand(5000, 4)
+    counts = sample_probs(probs).sum(0)
+    assert counts[0] == 0 and counts[2] == 0
+    assert counts.sum() == 5000  # exactly one class per row
+    # A CDF that rounds to just under 1 must still give a valid class (the last).
+    assert torch.equal(sample_probs(torch.tensor([[0.3, 0.3, 0.3999999]])).sum(), torch.tensor(1.0))
+
+
+def test_small_softmax_matches_torch_values_and_gradients():
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 32, 4) * 10).requires_grad_()
+    weights = torch.randn(64, 32, 4)
+    ours = softmax_small(logits)
+    ref = torch.softmax(logits, -1)
+    torch.testing.assert_close(ours, ref)
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), logits)
+    torch.testing.assert_close(g_ours, g_ref)
+    torch.testing.assert_close(log_softmax_small(logits), torch.log_softmax(logits, -1))
+    # Large logits do not overflow (the max is subtracted).
+    big = torch.tensor([[1000.0, 999.0]])
+    torch.testing.assert_close(softmax_small(big), torch.softmax(big, -1))
 
 
 def test_mode_onehot():

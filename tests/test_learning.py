@@ -25,14 +25,22 @@ def test_cartpole_learns_above_random(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     torch.manual_seed(0)
-    code = train.main([
-        "+bench=cartpole", "seed=0", f"run_dir={tmp_path}/run", "train.total_steps=6000",
-        "train.eval_every=0", "train.progress=false", "eval.video=false", "threads=0",
-    ])
+    code = train.main(
+        [
+            "+bench=cartpole",
+            "seed=0",
+            f"run_dir={tmp_path}/run",
+            "train.total_steps=6000",
+            "train.eval_every=0",
+            "train.progress=false",
+            "eval.video=false",
+            "threads=0",
+        ]
+    )
     assert code == 0
     from dreamer_trl.checkpoint import find_checkpoint
 
     state = torch.load(find_checkpoint(str(tmp_path / "run")) / "state.pt", weights_only=False)
-    (step, final_return), = state["eval_returns"]
+    ((step, final_return),) = state["eval_returns"]
     assert step >= 6000
     assert final_return >= 35.0 > RANDOM_CARTPOLE_RETURN + 4 * 3.0

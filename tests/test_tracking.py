@@ -48,24 +48,32 @@ def tracker(store_uri: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
 
 def download(tracker: Tracker, artifact: str, dst: Path) -> Path:
-    return Path(MlflowClient(tracker.tracking_uri).download_artifacts(
-        tracker.run_id, artifact, str(dst)))
+    return Path(
+        MlflowClient(tracker.tracking_uri).download_artifacts(tracker.run_id, artifact, str(dst))
+    )
 
 
 # --------------------------------------------------------------------------- flatten
 
 
 def test_flatten_config_nested_dictconfig() -> None:
-    cfg = OmegaConf.create({
-        "env": {"task": "walker-walk", "repeat": 2, "keys": ["a", "b"]},
-        "model": {"size": "${env.task}", "empty": {}},
-        "seed": 0,
-        "missing": "???",
-    })
+    cfg = OmegaConf.create(
+        {
+            "env": {"task": "walker-walk", "repeat": 2, "keys": ["a", "b"]},
+            "model": {"size": "${env.task}", "empty": {}},
+            "seed": 0,
+            "missing": "???",
+        }
+    )
     flat = flatten_config(cfg)
     assert flat == {
-        "env.task": "walker-walk", "env.repeat": "2", "env.keys": "['a', 'b']",
-        "model.size": "walker-walk", "model.empty": "{}", "seed": "0", "missing": "???",
+        "env.task": "walker-walk",
+        "env.repeat": "2",
+        "env.keys": "['a', 'b']",
+        "model.size": "walker-walk",
+        "model.empty": "{}",
+        "seed": "0",
+        "missing": "???",
     }
     assert all(isinstance(v, str) for v in flat.values())
 
@@ -83,8 +91,9 @@ def test_params_metrics_roundtrip(tracker: Tracker) -> None:
     tracker.log_params(cfg)
     many = {f"p{i}": i for i in range(150)}  # more than one log_batch call
     tracker.log_params(many)
-    tracker.log_metrics({"loss/model": torch.tensor(1.5), "fps": 300, "ret": np.float32(2.0)},
-                        step=10)
+    tracker.log_metrics(
+        {"loss/model": torch.tensor(1.5), "fps": 300, "ret": np.float32(2.0)}, step=10
+    )
     tracker.log_metrics({"loss/model": torch.tensor([0.5])}, step=20)
 
     client = MlflowClient(tracker.tracking_uri)
@@ -94,7 +103,9 @@ def test_params_metrics_roundtrip(tracker: Tracker) -> None:
     assert run.data.params["p149"] == "149"
     history = client.get_metric_history(tracker.run_id, "loss/model")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
-        (10, 1.5), (20, 0.5)]
+        (10, 1.5),
+        (20, 0.5),
+    ]
     assert run.data.metrics["fps"] == 300 and run.data.metrics["ret"] == 2.0
 
 
@@ -141,8 +152,12 @@ def test_artifacts_dict_figure_file_dir(tracker: Tracker, tmp_path: Path) -> Non
 @pytest.mark.parametrize("layout", ["thwc", "tchw", "gray", "odd"])
 def test_log_video_is_readable_mp4(tracker: Tracker, tmp_path: Path, layout: str) -> None:
     rng = np.random.default_rng(0)
-    shape = {"thwc": (12, 64, 64, 3), "tchw": (12, 3, 64, 64), "gray": (12, 1, 64, 64),
-             "odd": (12, 33, 47, 3)}[layout]
+    shape = {
+        "thwc": (12, 64, 64, 3),
+        "tchw": (12, 3, 64, 64),
+        "gray": (12, 1, 64, 64),
+        "odd": (12, 33, 47, 3),
+    }[layout]
     frames = rng.integers(0, 255, size=shape, dtype=np.uint8)
     if layout == "tchw":
         frames = torch.from_numpy(frames)  # tensors are accepted too
@@ -213,9 +228,13 @@ def test_disabled_tracker_is_a_noop(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 def test_plot_learning_curve_with_reference(tmp_path: Path) -> None:
     ref_steps = np.linspace(0, 1e5, 20)
     mean = np.linspace(0, 900, 20)
-    out = plot_learning_curve([0, 5e4, 1e5], [10, 300, 700], title="walker_walk",
-                              reference=(ref_steps, mean, mean - 50, mean + 50),
-                              path=tmp_path / "plots" / "curve.png")
+    out = plot_learning_curve(
+        [0, 5e4, 1e5],
+        [10, 300, 700],
+        title="walker_walk",
+        reference=(ref_steps, mean, mean - 50, mean + 50),
+        path=tmp_path / "plots" / "curve.png",
+    )
     assert out == tmp_path / "plots" / "curve.png"
     image = imageio.imread(out)
     assert image.ndim == 3 and image.shape[0] > 100
@@ -253,10 +272,20 @@ def test_load_reference_curve_atari_and_missing() -> None:
 
 def test_load_reference_curve_nulls_and_grid(tmp_path: Path) -> None:
     runs = [
-        {"task": "dmc_toy_run", "method": "dreamerv3", "seed": 0,
-         "xs": [0, 10, 20, 30], "ys": [0, None, 20, 30]},
-        {"task": "dmc_toy_run", "method": "dreamerv3", "seed": 1,
-         "xs": [5, 15, 25, 40], "ys": [15, 25, 35, 50]},
+        {
+            "task": "dmc_toy_run",
+            "method": "dreamerv3",
+            "seed": 0,
+            "xs": [0, 10, 20, 30],
+            "ys": [0, None, 20, 30],
+        },
+        {
+            "task": "dmc_toy_run",
+            "method": "dreamerv3",
+            "seed": 1,
+            "xs": [5, 15, 25, 40],
+            "ys": [15, 25, 35, 50],
+        },
         {"task": "dmc_other", "method": "dreamerv3", "seed": 0, "xs": [0], "ys": [1e9]},
     ]
     path = tmp_path / "toy.json.gz"
