@@ -11,6 +11,7 @@ Shapes: B batch, T time, N = B·T imagination starts, H horizon, E feature.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ from .functional import lambda_return
 from .heads import Actor
 from .sequence import Sequence, sequence_from_steps
 from .world_model import WorldModel
+
+# Precision of the no-grad imagination rollout. The reference computes everything in
+# bfloat16; here it is opt-in (algo.imag_dtype) until learning with it is measured.
+IMAG_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 DEFAULT_SCALES = {
     "rec": 1.0,
@@ -144,8 +149,11 @@ class ActorLoss(LossModule):
         entropy: float = 3e-4,
         scale: float = 1.0,
         actor_grad: str = "reinforce",
+        imag_dtype: str = "float32",
     ):
         super().__init__()
+        if imag_dtype not in IMAG_DTYPES:
+            raise ValueError(f"imag_dtype {imag_dtype!r} unknown; valid: {', '.join(IMAG_DTYPES)}")
         if actor_grad not in ("reinforce", "dynamics"):
             raise ValueError(f"actor_grad {actor_grad!r} unknown; valid: reinforce, dynamics")
         if actor_grad == "dynamics" and actor.discrete:
@@ -157,6 +165,28 @@ class ActorLoss(LossModule):
         self.return_norm = return_norm or ReturnNormalizer()
         self.horizon, self.lam, self.entropy, self.scale = horizon, lam, entropy, scale
         self.actor_grad = actor_grad
+        self.imag_dtype = IMAG_DTYPES[imag_dtype]
+        # Low-precision copies of the RSSM and actor for the no-grad rollout. Kept out of
+        # the module tree (no state_dict entries, no optimiser params); refreshed from the
+        # fp32 weights at every rollout.
+        object.__setattr__(self, "_shadow", None)
+
+    def _rollout_modules(self) -> tuple[torch.nn.Module, Actor]:
+        """(rssm, actor) to roll out with: the trained modules, or their ``imag_dtype``
+        copies with this update's weights."""
+        rssm, actor = self.world_model.rssm, self.actor
+        if self.imag_dtype == torch.float32:
+            return rssm, actor
+        if self._shadow is None:
+            shadow = [
+                copy.deepcopy(m).to(self.imag_dtype).requires_grad_(False) for m in (rssm, actor)
+            ]
+            object.__setattr__(self, "_shadow", shadow)
+        masters = [p for m in (rssm, actor) for p in m.parameters()]
+        copies = [p for m in self._shadow for p in m.parameters()]
+        with torch.no_grad():
+            torch._foreach_copy_(copies, masters)
+        return self._shadow[0], self._shadow[1]
 
     def imagine_dynamics(self, deter: Tensor, stoch: Tensor) -> Imagination:
         """Rollout with a graph through the dynamics (``actor_grad="dynamics"``)."""
@@ -188,9 +218,12 @@ class ActorLoss(LossModule):
 
     def imagine(self, deter: Tensor, stoch: Tensor) -> Imagination:
         wm = self.world_model
-        feat, action = wm.rssm.imagine_feat(
-            deter.detach(), stoch.detach(), self.actor.act, self.horizon, final_action=False
+        rssm, actor = self._rollout_modules()
+        dtype = self.imag_dtype
+        feat, action = rssm.imagine_feat(
+            deter.detach().to(dtype), stoch.detach().to(dtype), actor.act, self.horizon, False
         )
+        feat, action = feat.float(), action.float()  # no-ops in float32
         with torch.no_grad():
             reward = wm.reward.predict(wm.reward(feat))
             cont = torch.sigmoid(wm.cont(feat))
@@ -318,6 +351,7 @@ class DreamerV3Loss(_DreamerLossBase):
         actor_grad: str = "reinforce",
         retnorm_rate: float = 0.01,
         retnorm_limit: float = 1.0,
+        imag_dtype: str = "float32",
     ):
         super().__init__()
         self.scales = {**DEFAULT_SCALES, **(scales or {})}
@@ -332,6 +366,7 @@ class DreamerV3Loss(_DreamerLossBase):
             lam,
             actor_entropy,
             actor_grad=actor_grad,
+            imag_dtype=imag_dtype,
         )
         self.critic_loss = CriticLoss(
             critic, SlowCritic(critic, slow_rate), slowreg, lam, world_model.horizon

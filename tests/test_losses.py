@@ -523,3 +523,43 @@ def test_return_normalizer_loads_checkpoints_of_the_earlier_layout():
     norm.load_state_dict(old)
     assert norm.lo.item() == -2.0 and norm.hi.item() == 3.0
     assert norm(torch.zeros(4), update=False).item() == 5.0
+
+
+# --------------------------------------------------------------------------- bf16 rollout
+
+
+def test_bfloat16_imagination_tracks_float32_and_stays_out_of_the_state():
+    exact, low = make_agent(), make_agent({"imag_dtype": "bfloat16"})
+    keys = set(exact.state_dict())
+    assert set(low.state_dict()) == keys  # the bf16 copies are not part of the agent
+    assert len(list(low.parameters())) == len(list(exact.parameters()))
+    seq = exact.loss.sequence(make_batch(exact))
+    _, _, deter, stoch, _ = exact.loss.wm_loss.observe(seq)
+    d, s = deter.flatten(0, 1), stoch.flatten(0, 1)
+    torch.manual_seed(0)
+    img32 = exact.loss.actor_loss.imagine(d, s)
+    torch.manual_seed(0)
+    img16 = low.loss.actor_loss.imagine(d, s)
+    assert img16.feat.dtype == torch.float32 and img16.action.dtype == torch.float32
+    # Same start, same uniforms: the first imagined deter differs by bf16 rounding only.
+    torch.testing.assert_close(img16.feat[:, 1, :64], img32.feat[:, 1, :64], atol=0.03, rtol=0)
+    assert (img16.feat[:, 1, :64] - img32.feat[:, 1, :64]).abs().max() > 0  # really bf16
+    # The copies follow the trained weights: change one, the next rollout sees it.
+    with torch.no_grad():
+        low.actor.out.bias.add_(5.0)
+    low.loss.actor_loss.imagine(d, s)
+    shadow_actor = low.loss.actor_loss._shadow[1]
+    torch.testing.assert_close(shadow_actor.out.bias.float(), low.actor.out.bias, atol=0.05, rtol=0)
+
+
+def test_bfloat16_imagination_update_trains():
+    agent = make_agent({"imag_dtype": "bfloat16", "optim": {"warmup": 0}})
+    before = [p.detach().clone() for p in agent.actor.parameters()]
+    out = agent.update(make_batch(agent))
+    assert all(torch.isfinite(out[f"loss_{k}"]) for k in DEFAULT_SCALES)
+    assert any(not torch.equal(a, p) for a, p in zip(before, agent.actor.parameters()))
+
+
+def test_unknown_imag_dtype_rejected():
+    with pytest.raises(ValueError, match="imag_dtype 'float16' unknown; valid: float32, bfloat16"):
+        make_agent({"imag_dtype": "float16"})
