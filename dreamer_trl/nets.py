@@ -26,10 +26,19 @@ def trunc_normal_(weight: Tensor, fan_in: int, scale: float = 1.0) -> Tensor:
     return weight
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` whose scale follows the input's dtype, so bf16 activations under
+    autocast keep torch's fused kernel (a dtype mismatch falls back to an op-by-op path)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight if self.weight is None else self.weight.to(x.dtype)
+        return nn.functional.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
 def make_norm(kind: str, dim: int, eps: float = 1e-4) -> nn.Module:
     """``rms`` (reference) or ``layer`` (paper2023) normalisation over the last dim."""
     if kind == "rms":
-        return nn.RMSNorm(dim, eps=eps)
+        return RMSNorm(dim, eps=eps)
     if kind == "layer":
         return nn.LayerNorm(dim, eps=eps)
     raise ValueError(f"norm {kind!r} unknown; valid: 'rms', 'layer'")

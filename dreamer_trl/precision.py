@@ -1,0 +1,72 @@
+"""Low-precision compute for the passes over imagined states.
+
+The reference computes in bfloat16 with float32 weights. Here the choice is per update
+(``algo.imag_dtype``) and covers what dominates an update's FLOPs: the imagination rollout
+and the heads over its N·(H+1) states. The world-model pass over the replay batch stays
+float32 (its B=16 rows per step are dispatch-bound, not FLOP-bound).
+
+- no-grad passes (rollout, reward, continue, slow critic) run on low-precision *copies* of
+  the modules, refreshed from the float32 weights once per update;
+- passes with a gradient (critic, actor on imagined states) run under ``torch.autocast``,
+  so their weight gradients still land, in float32, on the trained parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class Precision:
+    """Owns the low-precision module copies. Not an ``nn.Module``: the copies are no part
+    of the agent's parameters or state dict."""
+
+    def __init__(self, dtype: str = "float32"):
+        if dtype not in DTYPES:
+            raise ValueError(f"imag_dtype {dtype!r} unknown; valid: {', '.join(DTYPES)}")
+        self.dtype = DTYPES[dtype]
+        self._pairs: dict[int, tuple[nn.Module, nn.Module]] = {}
+
+    @property
+    def low(self) -> bool:
+        return self.dtype != torch.float32
+
+    def copy_of(self, module: nn.Module) -> nn.Module:
+        """``module`` itself at float32, else its low-precision copy (made on first use)."""
+        if not self.low:
+            return module
+        pair = self._pairs.get(id(module))
+        if pair is None or pair[0] is not module:
+            shadow = copy.deepcopy(module).to(self.dtype).requires_grad_(False)
+            self._pairs[id(module)] = pair = (module, shadow)
+        return pair[1]
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy the current float32 weights (and buffers) into every copy."""
+        if not self._pairs:
+            return
+        src, dst = [], []
+        for module, shadow in self._pairs.values():
+            for a, b in zip(module.parameters(), shadow.parameters()):
+                src.append(a)
+                dst.append(b)
+        torch._foreach_copy_(dst, src)
+
+    def cast(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype) if self.low else x
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Low-precision matmuls with float32 weights and gradients (no-op at float32)."""
+        if not self.low:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+    def __deepcopy__(self, memo):
+        # A deep-copied loss gets fresh copies of its own (deep-copied) modules.
+        return Precision(next(k for k, v in DTYPES.items() if v == self.dtype))
