@@ -132,7 +132,7 @@ class DreamerV3Agent(nn.Module):
             actor_grad=self._actor_grad(algo.get("actor_grad", "reinforce"), discrete),
             retnorm_rate=retnorm.get("rate", 0.01),
             retnorm_limit=retnorm.get("limit", 1.0),
-            imag_dtype=algo.get("imag_dtype", "float32"),
+            imag_dtype=algo.get("imag_dtype", "bfloat16"),
         )
         self.loss.set_keys(observations=tuple(obs_space.keys))
         self.optimizer = make_optimizer(self, algo.get("optim", {}))

@@ -145,7 +145,7 @@ class ActorLoss(LossModule):
         entropy: float = 3e-4,
         scale: float = 1.0,
         actor_grad: str = "reinforce",
-        imag_dtype: str = "float32",
+        imag_dtype: str = "bfloat16",
         precision: Precision | None = None,
     ):
         super().__init__()
@@ -340,7 +340,7 @@ class DreamerV3Loss(_DreamerLossBase):
         actor_grad: str = "reinforce",
         retnorm_rate: float = 0.01,
         retnorm_limit: float = 1.0,
-        imag_dtype: str = "float32",
+        imag_dtype: str = "bfloat16",
     ):
         super().__init__()
         self.scales = {**DEFAULT_SCALES, **(scales or {})}

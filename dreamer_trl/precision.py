@@ -26,7 +26,7 @@ class Precision:
     """Owns the low-precision module copies. Not an ``nn.Module``: the copies are no part
     of the agent's parameters or state dict."""
 
-    def __init__(self, dtype: str = "float32"):
+    def __init__(self, dtype: str = "bfloat16"):
         if dtype not in DTYPES:
             raise ValueError(f"imag_dtype {dtype!r} unknown; valid: {', '.join(DTYPES)}")
         self.dtype = DTYPES[dtype]

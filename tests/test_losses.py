@@ -28,8 +28,11 @@ OBS, ACT = 5, 2
 
 
 def make_agent(algo: dict | None = None, seed: int = 0) -> DreamerV3Agent:
+    """Formula tests compare against float32 arithmetic, so imagination runs in float32
+    unless ``algo`` says otherwise (the bf16 path has its own tests at the end)."""
     torch.manual_seed(seed)
-    agent = DreamerV3Agent(ObsSpace({"observation": OBS}, {}), ACT, False, TINY, algo or {})
+    algo = {"imag_dtype": "float32", **(algo or {})}
+    agent = DreamerV3Agent(ObsSpace({"observation": OBS}, {}), ACT, False, TINY, algo)
     # The reward, critic (and slow critic) outputs start at zero, which would hide every
     # gradient path through them; give them the weights a trained agent would have.
     with torch.no_grad():
