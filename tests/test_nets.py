@@ -17,6 +17,7 @@ from dreamer_trl.nets import (
     ConvEncoder,
     HiddenLayer,
     Linear,
+    block_matmul,
     make_norm,
     trunc_normal_,
 )
@@ -122,6 +123,18 @@ def test_block_linear_equals_block_diagonal_dense():
     dense = torch.block_diag(*layer.weight)  # [24, 12], block g maps inputs 6g.. to outputs 3g..
     assert dense.shape == (24, 12)
     torch.testing.assert_close(layer(x), x @ dense + layer.bias)
+
+
+@pytest.mark.parametrize("rows", [16, 1024])  # the batched-matmul and the per-block kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_matmul_kernels_equal_dense(rows, dtype):
+    torch.manual_seed(0)
+    w, b = torch.randn(4, 6, 3), torch.randn(12)
+    x, base = torch.randn(rows, 24), torch.randn(rows, 12)
+    expected = x @ torch.block_diag(*w) + b + base
+    got = block_matmul(x.to(dtype), w.to(dtype), b.to(dtype), base.to(dtype))
+    tol = {} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.02}
+    torch.testing.assert_close(got.float(), expected, **tol)
 
 
 def test_block_linear_rejects_indivisible_sizes():
