@@ -225,11 +225,11 @@ class ActorLoss(LossModule):
             return loss.mean(1), self._metrics(img, ent, scale, adv)
         # One batched actor pass with a graph over all imagined states; the rollout's
         # actor calls ran without one (the rollout buffer is written in place).
-        n, h = img.ret.shape
-        feat = _rows(img.feat[:, :-1])
-        with self.precision.autocast(feat.device):
-            params = self.actor(feat)
-        params = params.float().view(n, h, -1)
+        # On all H+1 states (contiguous rows, no copy of the [N, H, E] slice), then cut.
+        n, h1 = img.feat.shape[:2]
+        with self.precision.autocast(img.feat.device):
+            params = self.actor(_rows(img.feat))
+        params = params.float().view(n, h1, -1)[:, :-1]
         logpi = self.actor.log_prob(params, img.action[:, : params.shape[1]])
         ent = self.actor.entropy(params)
         loss = weight * -(logpi * adv.detach() + self.entropy * ent)
@@ -282,12 +282,13 @@ class CriticLoss(LossModule):
     # Method names avoid the suffix "loss": LossModule wraps such methods in
     # exploration/recurrent-mode context managers on every call.
     def _regressed(self, logp: Tensor, feat: Tensor, target: Tensor) -> Tensor:
-        """Two-hot CE of log-probs ``logp`` to ``target`` plus slowreg · CE to the slow
-        critic's prediction on ``feat``."""
+        """Two-hot CE of log-probs ``logp`` [B, L, K] to ``target`` [B, L] plus slowreg · CE
+        to the slow critic's prediction on ``feat`` [B, L+1, E] (the last state only
+        bootstraps: the slow critic runs on all rows, which are contiguous, and is cut)."""
         slow_net = self.precision.copy_of(self.slow_critic)
         with torch.no_grad():
             logits = slow_net(self.precision.cast(_rows(feat.detach()))).float()
-            slow = self.slow_critic.predict(logits).view(target.shape)
+            slow = self.slow_critic.predict(logits).view(feat.shape[:2])[:, :-1]
         return self.critic.nll(logp, target) + self.slowreg * self.critic.nll(logp, slow)
 
     def value_terms(self, img: Imagination) -> Tensor:
@@ -295,7 +296,7 @@ class CriticLoss(LossModule):
         logp = img.extra.get("value_logp")
         if logp is None:  # an Imagination built elsewhere
             logp = torch.log_softmax(self.critic(img.feat), -1)
-        loss = self._regressed(logp[:, :-1], img.feat[:, :-1], img.ret)
+        loss = self._regressed(logp[:, :-1], img.feat, img.ret)
         return (img.weight[:, :-1] * loss).mean(1)
 
     def repval_terms(self, feat: Tensor, seq: Sequence, boot: Tensor) -> Tensor:
@@ -304,8 +305,8 @@ class CriticLoss(LossModule):
         graph, so this loss also trains the world model (reference repval_grad)."""
         live = (1.0 - seq.is_terminal.float()) * self.disc
         ret = lambda_return(seq.reward, live, boot.detach(), self.lam, last=seq.is_last)
-        logits = self.critic(_rows(feat[:, :-1])).view(*ret.shape, -1)
-        loss = self._regressed(torch.log_softmax(logits, -1), feat[:, :-1], ret)
+        logits = self.critic(_rows(feat)).view(*feat.shape[:2], -1)[:, :-1]
+        loss = self._regressed(torch.log_softmax(logits, -1), feat, ret)
         return (1.0 - seq.is_last[:, :-1].float()) * loss
 
     def forward(self, tensordict: TensorDictBase) -> TensorDict:

@@ -116,8 +116,10 @@ def block_matmul(x: Tensor, weight: Tensor, bias: Tensor, base: Tensor | None = 
     n = x.shape[0]
     add = bias if base is None else base + bias
     if n < 256 or x.dtype != torch.float32 or x.is_cuda:
-        y = torch.bmm(x.view(n, g, i).transpose(0, 1), weight).transpose(0, 1)
-        return y.reshape(n, g * o) + add
+        # bias (and base) enter the batched matmul as its addend: one pass fewer.
+        acc = add.view(g, 1, o) if base is None else add.view(n, g, o).transpose(0, 1)
+        y = torch.baddbmm(acc, x.view(n, g, i).transpose(0, 1), weight)
+        return y.transpose(0, 1).reshape(n, g * o)
     outs = []
     for k in range(g):
         acc = add[..., k * o : (k + 1) * o]
