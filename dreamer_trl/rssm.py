@@ -175,7 +175,7 @@ class RSSM(nn.Module):
         deter = self.core(deter, stoch, self.embed_action(action), w_shared)
         return deter, self.prior(deter)
 
-    def _img_sample(self, deter: Tensor, stoch: Tensor, action: Tensor, w_shared: Tensor):
+    def img_sample(self, deter: Tensor, stoch: Tensor, action: Tensor, w_shared: Tensor):
         """:meth:`img_step` returning (deter', one-hot prior sample), without the logs."""
         deter = self.core(deter, stoch, self.embed_action(action), w_shared)
         return deter, sample_probs(self.prior_probs(deter))
@@ -208,24 +208,36 @@ class RSSM(nn.Module):
         policy: Callable[[Tensor], Tensor],
         horizon: int,
         final_action: bool = True,
+        step: Callable | None = None,
     ) -> tuple[Tensor, Tensor]:
         """:meth:`imagine` returning the features [N, H+1, E] = [deter, flat stoch].
 
         Each step writes into one preallocated buffer, which the heads then read, so the
-        rollout is never stacked or concatenated afterwards.
+        rollout is never stacked or concatenated afterwards. ``step(rssm, policy, feat_t,
+        deter, stoch, w_shared) -> (action, deter', stoch')`` replaces :func:`rollout_step`
+        (e.g. its ``torch.compile``-d version).
         """
         n, d = deter.shape[0], self.deter
+        step = step or rollout_step
         with torch.no_grad():
             feat = deter.new_empty(n, horizon + 1, self.feat_dim)
             feat[:, 0, :d] = deter
             feat[:, 0, d:] = stoch.flatten(-2)
             actions, w_shared = [], self.shared_weight()
             for t in range(horizon):
-                action = policy(feat[:, t])
-                deter, stoch = self._img_sample(deter, stoch, action, w_shared)
+                action, deter, stoch = step(self, policy, feat[:, t], deter, stoch, w_shared)
                 feat[:, t + 1, :d] = deter
                 feat[:, t + 1, d:] = stoch.flatten(-2)
                 actions.append(action)
             if final_action:
                 actions.append(policy(feat[:, horizon]))
             return feat, torch.stack(actions, 1)
+
+
+def rollout_step(
+    rssm: RSSM, policy: Callable, feat: Tensor, deter: Tensor, stoch: Tensor, w_shared: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One imagination step: act on ``feat``, then sample the next prior state."""
+    action = policy(feat)
+    deter, stoch = rssm.img_sample(deter, stoch, action, w_shared)
+    return action, deter, stoch

@@ -40,6 +40,7 @@ TINY = [
     "replay.capacity=1000",
     "tracking.enabled=false",
     "compile.policy=false",
+    "compile.imagine=false",
     "eval.video=false",
     "device=cpu",
 ]
