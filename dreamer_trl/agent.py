@@ -174,8 +174,10 @@ class DreamerV3Agent(nn.Module):
         """Compile the forward+backward of the loss with ``torch.compile``."""
         self._loss_fn = torch.compile(self._loss_and_grads, **kwargs)
 
-    def compile_rollout(self, **kwargs) -> None:
-        """Compile only the imagination step (seconds to compile, not minutes)."""
+    def compile_steps(self, **kwargs) -> None:
+        """Compile the RSSM's observe step and imagination step only (seconds to compile,
+        where the whole update takes minutes); the loops around them stay eager."""
+        self.loss.wm_loss.compile_observe(**kwargs)
         self.loss.actor_loss.compile_rollout(**kwargs)
 
     def update(self, batch: TensorDictBase) -> TensorDict:

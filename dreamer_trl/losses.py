@@ -25,7 +25,7 @@ from .distributions import sample_onehot_st
 from .functional import lambda_return
 from .heads import Actor
 from .precision import Precision
-from .rssm import rollout_step
+from .rssm import observe_step, rollout_step
 from .sequence import Sequence, sequence_from_steps
 from .world_model import WorldModel
 
@@ -102,12 +102,18 @@ class WorldModelLoss(_DreamerLossBase):
         super().__init__()
         self.world_model = world_model
         self.scales = {**DEFAULT_SCALES, **(scales or {})}
+        self._step = None  # the observe step; compile_observe() swaps in a compiled one
+
+    def compile_observe(self, **kwargs) -> None:
+        """``torch.compile`` one filtering step, forward and backward: the T-step loop's
+        small ops fuse (fwd+bwd of the size1m loop 139 → 87 ms on CPU; ~15 s to compile)."""
+        self._step = torch.compile(observe_step, dynamic=False, **kwargs)
 
     def observe(self, seq: Sequence):
         wm = self.world_model
         tokens = wm.encoder(seq.obs)
         deter, stoch, post = wm.rssm.observe(
-            tokens, seq.prev_action, seq.is_first, seq.deter, seq.stoch
+            tokens, seq.prev_action, seq.is_first, seq.deter, seq.stoch, step=self._step
         )
         losses, feat, metrics = wm.step_losses(seq, deter, stoch, post)
         return losses, feat, deter, stoch, metrics

@@ -133,23 +133,25 @@ class RSSM(nn.Module):
         is_first: Tensor,
         deter: Tensor,
         stoch: Tensor,
+        step: Callable | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Filter a sequence: tokens [B, T, F], prev_action [B, T, A], is_first [B, T].
 
         At ``is_first`` the incoming deter, stoch and previous action are zeroed.
         Returns deter [B, T, D], stoch [B, T, S, C] (one-hot samples, straight-through
-        gradients) and post logits [B, T, S, C].
+        gradients) and post logits [B, T, S, C]. ``step`` replaces :func:`observe_step`
+        (e.g. its ``torch.compile``-d version).
         """
-        keep = (~is_first).to(tokens.dtype)
-        act_emb = self.embed_action(prev_action * keep.unsqueeze(-1))
+        step = step or observe_step
+        keep = (~is_first).to(tokens.dtype).unsqueeze(-1)
+        act_emb = self.embed_action(prev_action * keep)
         token_part = self._token_part(tokens)
         w_shared = self.shared_weight()
         deters, stochs, posts = [], [], []
         for t in range(tokens.shape[1]):
-            k = keep[:, t].unsqueeze(-1)
-            deter = self.core(deter * k, stoch * k.unsqueeze(-1), act_emb[:, t], w_shared)
-            post = self._post_from_parts(deter, token_part[:, t])
-            stoch = sample_onehot_st(post)
+            deter, stoch, post = step(
+                self, deter, stoch, keep[:, t], act_emb[:, t], token_part[:, t], w_shared
+            )
             deters.append(deter)
             stochs.append(stoch)
             posts.append(post)
@@ -232,6 +234,21 @@ class RSSM(nn.Module):
             if final_action:
                 actions.append(policy(feat[:, horizon]))
             return feat, torch.stack(actions, 1)
+
+
+def observe_step(
+    rssm: RSSM,
+    deter: Tensor,
+    stoch: Tensor,
+    keep: Tensor,
+    act_emb: Tensor,
+    token_part: Tensor,
+    w_shared: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One filtering step of :meth:`RSSM.observe`; ``keep`` [B, 1] is 0 at episode starts."""
+    deter = rssm.core(deter * keep, stoch * keep.unsqueeze(-1), act_emb, w_shared)
+    post = rssm._post_from_parts(deter, token_part)
+    return deter, sample_onehot_st(post), post
 
 
 def rollout_step(

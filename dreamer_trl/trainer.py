@@ -116,8 +116,8 @@ class Trainer:
         probe.close()
         if cfg.compile.enabled:
             self.agent.compile(mode=cfg.compile.mode)
-        elif cfg.compile.get("imagine", False):
-            self.agent.compile_rollout(mode=cfg.compile.mode)
+        elif cfg.compile.get("steps", False):
+            self.agent.compile_steps(mode=cfg.compile.mode)
         self.scratch = fresh_scratch_dir(self.run_dir)
         self.replay = self.make_replay(replay_capacity(cfg))
         self.counters = {

@@ -3,8 +3,8 @@
 In one process, after warm-up, times the full DreamerV3 update (world model + actor +
 critic + replay value + optimiser) at B16×T64, H15 for
   * ours at size1m on walker-shaped vectors (24-dim obs, 6-dim action): eager, with the
-    imagination step compiled (the pipeline default), all-float32, and (compile=true) the
-    whole update compiled; size12m on 64×64 pixels when a GPU is present;
+    RSSM observe/imagination steps compiled (the pipeline default), all-float32, and
+    (compile=true) the whole update compiled; size12m on 64×64 pixels on a GPU;
   * TorchRL 0.14's own DreamerV3 update at the same shapes (pipelines/torchrl_baseline.py);
   * the update's FLOPs (torch.utils.flop_counter) over its time, beside a plain fp32 matmul's
     GFLOP/s measured in the same process;
@@ -109,8 +109,8 @@ def make_ours(
     agent = DreamerV3Agent(space, 6, False, model, algo or {}).to(device)
     if compiled == "update":
         agent.compile()
-    elif compiled == "rollout":
-        agent.compile_rollout()
+    elif compiled == "steps":
+        agent.compile_steps()
     batch = synthetic_batch(16, 64, obs, 6, model["deter"], model["classes"], device)
     return (lambda: agent.update(batch)), agent.num_params(), agent, batch
 
@@ -251,11 +251,11 @@ def bench_device(device: str, opts: dict) -> dict:
     # The default computes imagination in bf16 (algo.imag_dtype); the all-float32 agent
     # races too, reported apart (the headline ratio is the default configuration's).
     fp32 = make_ours(SIZE1M, obs, device, algo={"imag_dtype": "float32"})[0]
-    # ours_compiled is the pipeline default (compile.imagine): the imagination step
-    # compiled; compile=true adds the whole-update compile as ours_compiled_update.
-    compiled = make_ours(SIZE1M, obs, device, compiled="rollout")[0]
+    # ours_compiled is the pipeline default (compile.steps): the RSSM observe and
+    # imagination steps compiled; compile=true adds the whole update as ours_compiled_update.
+    compiled = make_ours(SIZE1M, obs, device, compiled="steps")[0]
     compile_s = timed(compiled, device)
-    print(f"  compiled imagination step: first call (compile) {compile_s:.1f}s", flush=True)
+    print(f"  compiled RSSM steps: first call (compile) {compile_s:.1f}s", flush=True)
     contenders = {
         "ours_eager": eager,
         "ours_compiled": compiled,
@@ -363,7 +363,7 @@ def print_table(report: dict) -> None:
             ("fraction of matmul", f"{100 * r['fraction_of_matmul']:.0f}%"),
         ]
         if r.get("compile_seconds") is not None:
-            rows.append(("compile time (imagination step)", f"{r['compile_seconds']:.0f} s"))
+            rows.append(("compile time (RSSM steps)", f"{r['compile_seconds']:.0f} s"))
         act = r.get("acting_steps_per_second")
         if act:
             rows += [

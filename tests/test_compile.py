@@ -9,11 +9,14 @@ import copy
 
 import pytest
 import torch
+import torch._inductor.config
 from test_agent import make_batch
 
 from dreamer_trl.agent import DreamerV3Agent
 from dreamer_trl.world_model import ObsSpace
 
+# Compiled random ops draw from eager's generator, so both runs sample alike.
+fallback_random = torch._inductor.config.patch(fallback_random=True)
 LOSSES = ("rec", "rew", "con", "dyn", "rep", "policy", "value", "repval")
 
 
@@ -26,10 +29,8 @@ CASES = [
 
 
 @pytest.mark.parametrize(("imag_dtype", "rtol"), CASES)
-def test_compiled_update_matches_eager(imag_dtype, rtol, monkeypatch):
-    import torch._inductor.config as inductor_config
-
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
+@fallback_random
+def test_compiled_update_matches_eager(imag_dtype, rtol):
     torch.manual_seed(0)
     model = dict(deter=32, hidden=8, classes=4, units=8, depth=2, stoch=4, blocks=4)
     algo = {"imag_horizon": 3, "imag_dtype": imag_dtype, "optim": {"warmup": 0}}
@@ -50,21 +51,38 @@ def test_compiled_update_matches_eager(imag_dtype, rtol, monkeypatch):
         torch.testing.assert_close(p_c, p_e, rtol=rtol, atol=rtol / 100, msg=name)
 
 
-def test_compiled_rollout_matches_eager(monkeypatch):
-    """compile.imagine: the compiled imagination step gives the eager rollout."""
-    import torch._inductor.config as inductor_config
-
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
+@fallback_random
+def test_compiled_steps_match_eager():
+    """compile.steps: the compiled observe and imagination steps give the eager results."""
     torch.manual_seed(0)
     model = dict(deter=32, hidden=8, classes=4, units=8, depth=2, stoch=4, blocks=4)
     algo = {"imag_horizon": 3, "imag_dtype": "float32"}
     agent = DreamerV3Agent(ObsSpace({"observation": 5}, {}), 2, False, model, algo)
     deter, stoch = torch.randn(6, 32), torch.randn(6, 4, 4).softmax(-1)
-    torch.manual_seed(1)
-    eager = agent.loss.actor_loss.imagine(deter, stoch)
-    agent.compile_rollout()
-    torch.manual_seed(1)
-    compiled = agent.loss.actor_loss.imagine(deter, stoch)
-    torch.testing.assert_close(compiled.feat, eager.feat)
-    torch.testing.assert_close(compiled.action, eager.action)
-    torch.testing.assert_close(compiled.ret, eager.ret)
+    seq = agent.loss.sequence(make_batch(agent, {"observation": torch.randn(2, 5, 5)}, 2, 5))
+
+    def run():
+        torch.manual_seed(1)
+        losses, _, d, s, _ = agent.loss.wm_loss.observe(seq)
+        grads = torch.autograd.grad(
+            sum(v.mean() for v in losses.values()),
+            list(agent.world_model.parameters()),
+            allow_unused=True,
+        )
+        return (
+            d,
+            s,
+            [g for g in grads if g is not None],
+            agent.loss.actor_loss.imagine(deter, stoch),
+        )
+
+    d_e, s_e, g_e, img_e = run()
+    agent.compile_steps()
+    d_c, s_c, g_c, img_c = run()
+    torch.testing.assert_close(d_c, d_e)
+    torch.testing.assert_close(s_c, s_e)
+    for a, b in zip(g_c, g_e):  # the compiled backward of the observe step
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(img_c.feat, img_e.feat)
+    torch.testing.assert_close(img_c.action, img_e.action)
+    torch.testing.assert_close(img_c.ret, img_e.ret)

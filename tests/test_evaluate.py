@@ -40,7 +40,7 @@ TINY = [
     "replay.capacity=1000",
     "tracking.enabled=false",
     "compile.policy=false",
-    "compile.imagine=false",
+    "compile.steps=false",
     "eval.video=false",
     "device=cpu",
 ]

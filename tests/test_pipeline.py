@@ -59,7 +59,7 @@ TINY = [
     "threads=1",
     "device=cpu",
     "compile.policy=false",  # compiling the acting step costs ~30 s a process (a slow test below)
-    "compile.imagine=false",  # likewise the imagination step (tests/test_compile.py checks it)
+    "compile.steps=false",  # likewise the RSSM steps (tests/test_compile.py checks them)
 ]
 # Eval episodes (and so eval videos) capped by the env's step limit: pendulum runs 200 steps,
 # DMC 1000 and Pong ~800 (each rendered for the video), which would dominate the budget.
