@@ -116,7 +116,7 @@ class Trainer:
         probe.close()
         if cfg.compile.enabled:
             self.agent.compile(mode=cfg.compile.mode)
-        elif cfg.compile.get("steps", False):
+        elif cfg.compile.get("steps", True):  # configs saved before the key: the default
             self.agent.compile_steps(mode=cfg.compile.mode)
         self.scratch = fresh_scratch_dir(self.run_dir)
         self.replay = self.make_replay(replay_capacity(cfg))
