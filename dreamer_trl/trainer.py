@@ -427,5 +427,8 @@ def config_params(cfg: DictConfig) -> dict:
 
 
 def install_sigterm_as_interrupt() -> None:
-    """Treat SIGTERM like Ctrl-C so a killed run still leaves a checkpoint."""
+    """Treat SIGTERM like Ctrl-C so a killed run still leaves a checkpoint. SIGINT is
+    (re)installed too: a shell starts background jobs (``cmd &``) with SIGINT ignored,
+    which would make ``kill -INT`` do nothing at all."""
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -418,8 +418,16 @@ def wait_until_training(proc, run_dir: Path, stdout: Path, store: str, timeout: 
     pytest.fail(f"training did not start within {timeout} s:\n{stdout.read_text()}")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_saves_a_checkpoint_and_exits_130(sig, tmp_path, store):
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell does for `cmd &`
+
+
+@pytest.mark.parametrize(
+    ("sig", "preexec"),
+    [(signal.SIGINT, None), (signal.SIGTERM, None), (signal.SIGINT, _ignore_sigint)],
+    ids=["SIGINT", "SIGTERM", "SIGINT-background-job"],
+)
+def test_signal_saves_a_checkpoint_and_exits_130(sig, preexec, tmp_path, store):
     run_dir = tmp_path / "run"
     stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     argv = [*tiny("cartpole"), "train.total_steps=1000000", f"run_dir={run_dir}"]
@@ -430,6 +438,7 @@ def test_signal_saves_a_checkpoint_and_exits_130(sig, tmp_path, store):
             env=subprocess_env(store),
             stdout=out,
             stderr=err,
+            preexec_fn=preexec,
         )
         try:
             run_id = wait_until_training(proc, run_dir, stdout, store, timeout=150)
