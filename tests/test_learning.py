@@ -1,9 +1,10 @@
 """Slow learning check: DreamerV3 on CartPole through the real pipeline beats random.
 
-`make test-slow` (about 10 minutes on 2 idle cores). A random CartPole policy scores
-about 22 (std about 10 per episode, so about 3 for a 10-episode mean); the reference
-preset (size1m, train ratio 256) reached 40.6 at 5k steps in the benchmark run of
-docs/results.md. Asserting ≥ 35 at 6k steps catches a change that stops learning.
+`make test-slow` (the benchmark preset, train ratio 1024, for 2.5k env steps: about 1.5k
+updates, 15–25 minutes on this 2-core box). A random CartPole policy scores about 22 (std
+about 10 per episode, so about 3 for a 10-episode mean); the benchmark run of
+docs/results.md (seed 0) was at 123.4 ± 28.5 after 2.5k steps. Asserting ≥ 50 catches a
+change that stops learning.
 """
 
 import sys
@@ -30,11 +31,11 @@ def test_cartpole_learns_above_random(tmp_path, monkeypatch):
             "+bench=cartpole",
             "seed=0",
             f"run_dir={tmp_path}/run",
-            "train.total_steps=6000",
+            "train.total_steps=2500",
             "train.eval_every=0",
             "train.progress=false",
             "eval.video=false",
-            "threads=0",
+            "threads=1",
         ]
     )
     assert code == 0
@@ -42,5 +43,5 @@ def test_cartpole_learns_above_random(tmp_path, monkeypatch):
 
     state = torch.load(find_checkpoint(str(tmp_path / "run")) / "state.pt", weights_only=False)
     ((step, final_return),) = state["eval_returns"]
-    assert step >= 6000
-    assert final_return >= 35.0 > RANDOM_CARTPOLE_RETURN + 4 * 3.0
+    assert step >= 2500
+    assert final_return >= 50.0 > RANDOM_CARTPOLE_RETURN + 4 * 3.0
