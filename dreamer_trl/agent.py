@@ -179,6 +179,7 @@ class DreamerV3Agent(nn.Module):
         where the whole update takes minutes); the loops around them stay eager."""
         self.loss.wm_loss.compile_observe(**kwargs)
         self.loss.actor_loss.compile_rollout(**kwargs)
+        self.loss.critic_loss.compile_decode(**kwargs)
 
     def update(self, batch: TensorDictBase) -> TensorDict:
         self.optimizer.zero_grad(set_to_none=True)

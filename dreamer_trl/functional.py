@@ -59,15 +59,18 @@ def twohot_encode(target: Tensor, bins: Tensor) -> Tensor:
     return out.scatter_add(-1, above.unsqueeze(-1), weight_above)
 
 
-def twohot_decode(logits: Tensor, bins: Tensor, symmetric: bool | None = None) -> Tensor:
+def twohot_decode(
+    logits: Tensor, bins: Tensor, symmetric: bool | None = None, logp: bool = False
+) -> Tensor:
     """Expected value Σ p_k · b_k of a two-hot head, [..., K] → [...].
 
     ``symmetric`` bins (b_{K-1-i} = -b_i, as :func:`twohot_bins` makes) subtract mirrored
     probabilities before weighting — the reference sums the halves symmetrically — so a
     uniform distribution decodes to exactly 0 (a left-to-right sum would not). ``None``
-    checks the bins (pass the answer on hot paths).
+    checks the bins (pass the answer on hot paths). ``logp``: ``logits`` are already
+    log-probabilities, so exp replaces the softmax.
     """
-    probs = torch.softmax(logits, -1)
+    probs = logits.exp() if logp else torch.softmax(logits, -1)
     num = bins.shape[0]
     if symmetric is None:
         symmetric = bool(torch.equal(bins, -bins.flip(0)))

@@ -226,7 +226,7 @@ class ActorLoss(LossModule):
         with low.autocast(feat.device):
             value_logits = self.critic(feat)
         value_logp = torch.log_softmax(value_logits.float(), -1)  # shared with the value loss
-        value = self.critic.predict(value_logp).detach()
+        value = self.critic.predict(value_logp, logp=True).detach()
         weight = torch.cumprod(cont, 1)
         ret = lambda_return(reward, cont, value, self.lam)
         extra = {"value_logp": value_logp}
@@ -292,6 +292,7 @@ class CriticLoss(LossModule):
     ):
         super().__init__()
         self.precision = precision or Precision()
+        self._decode = decode  # compile_decode() compiles it
         self.critic = critic
         self.slow_critic = slow_critic or SlowCritic(critic)
         self.slowreg, self.lam, self.disc = slowreg, lam, 1.0 - 1.0 / horizon
@@ -299,14 +300,18 @@ class CriticLoss(LossModule):
 
     # Method names avoid the suffix "loss": LossModule wraps such methods in
     # exploration/recurrent-mode context managers on every call.
+    def compile_decode(self, **kwargs) -> None:
+        """``torch.compile`` the slow critic's pass and decode over imagined states."""
+        self._decode = torch.compile(decode, dynamic=False, **kwargs)
+
     def _regressed(self, logp: Tensor, feat: Tensor, target: Tensor) -> Tensor:
         """Two-hot CE of log-probs ``logp`` [B, L, K] to ``target`` [B, L] plus slowreg · CE
         to the slow critic's prediction on ``feat`` [B, L+1, E] (the last state only
         bootstraps: the slow critic runs on all rows, which are contiguous, and is cut)."""
         slow_net = self.precision.copy_of(self.slow_critic)
         with torch.no_grad():
-            logits = slow_net(self.precision.cast(_rows(feat.detach()))).float()
-            slow = self.slow_critic.predict(logits).view(feat.shape[:2])[:, :-1]
+            x = self.precision.cast(_rows(feat.detach()))
+            slow = self._decode(slow_net, self.slow_critic, x).view(feat.shape[:2])[:, :-1]
         return self.critic.nll(logp, target) + self.slowreg * self.critic.nll(logp, slow)
 
     def value_terms(self, img: Imagination) -> Tensor:
@@ -417,6 +422,12 @@ class DreamerV3Loss(_DreamerLossBase):
         out.set("deter", deter.detach())
         out.set("stoch", stoch.detach())
         return out
+
+
+def decode(net: torch.nn.Module, head, x: Tensor) -> Tensor:
+    """Expected value [M] of two-hot logits ``net(x)`` (``net`` possibly a low-precision
+    copy of ``head``), decoded in float32."""
+    return head.predict(net(x).float())
 
 
 def reward_and_cont(

@@ -242,3 +242,14 @@ def test_twohot_head_symexp_and_symlog_variants():
     torch.testing.assert_close(old.predict(logits), symexp(twohot_decode(logits, grid)))
     # output layer starts at zero: a fresh head predicts exactly 0
     assert torch.equal(cur.predict(cur(torch.randn(3, 8))), torch.zeros(3))
+
+
+def test_twohot_decode_from_log_probs_equals_from_logits():
+    torch.manual_seed(0)
+    bins = twohot_bins(255, "symexp")
+    logits = 3 * torch.randn(7, 255)
+    logp = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(
+        twohot_decode(logp, bins, symmetric=True, logp=True),
+        twohot_decode(logits, bins, symmetric=True),
+    )
