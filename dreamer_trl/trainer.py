@@ -280,11 +280,11 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
-        sums: dict[str, torch.Tensor] = {}
-        nsum, last_return, t0, steps0 = 0, float("nan"), time.time(), c["env_steps"]
-        next_log = _next_multiple(c["env_steps"], t.log_every)
-        next_eval = _next_multiple(c["env_steps"], t.eval_every) if t.eval_every else math.inf
-        next_ckpt = _next_multiple(c["env_steps"], t.checkpoint_every)
+        means, speed = _Means(), _Rate(c["env_steps"])
+        last_return = float("nan")
+        log_due = _Every(t.log_every, c["env_steps"])
+        eval_due = _Every(t.eval_every, c["env_steps"])
+        ckpt_due = _Every(t.checkpoint_every, c["env_steps"])
         status = "FINISHED"
         try:
             if not done:
@@ -292,52 +292,25 @@ class Trainer:
                     n = batch.numel()
                     self.replay.extend(batch.cpu(), stream=stream_of(batch))
                     c["env_steps"] += n
-                    ends = batch.get(("next", "done")).reshape(-1)
-                    if ends.any():
-                        rets = batch.get(("next", "episode_reward")).reshape(-1)[ends]
-                        c["episodes"] += int(ends.sum())
-                        last_return = float(rets[-1])
-                        lengths = batch.get(("next", "step_count")).reshape(-1)[ends]
-                        episode = {
-                            "train/episode_return": float(rets.mean()),
-                            "train/episode_length": float(lengths.float().mean()),
-                        }
-                        tracker.log_metrics(episode, c["env_steps"])
+                    last_return = self._record_episodes(batch, tracker, last_return)
                     for _ in range(self.updates_for(n)):
-                        out = self.update()
-                        for k, v in out.items():
-                            sums[k] = sums[k] + v if k in sums else v.clone()
-                        nsum += 1
+                        means.add(self.update())
                     if policy.random and c["env_steps"] >= t.random_steps:
                         policy.random = False
                     collector.update_policy_weights_()
-                    fps = (c["env_steps"] - steps0) / max(time.time() - t0, 1e-9)
+                    fps = speed(c["env_steps"])
                     bar.update(n)
                     bar.set_postfix(
                         updates=c["updates"], fps=f"{fps:.1f}", ret=f"{last_return:.1f}"
                     )
-                    if c["env_steps"] >= next_log:
-                        logged = {f"train/{k}": v / nsum for k, v in sums.items()} if nsum else {}
-                        logged.update(
-                            {
-                                "perf/fps": fps,
-                                "perf/updates": c["updates"],
-                                "perf/episodes": c["episodes"],
-                                "perf/replay": len(self.replay),
-                            }
-                        )
-                        tracker.log_metrics(logged, c["env_steps"])
-                        if not t.progress:  # no bar: one line per log interval (background runs)
-                            print(_log_line(c, fps, last_return, logged), flush=True)
-                        sums, nsum, next_log = {}, 0, next_log + t.log_every
+                    if log_due(c["env_steps"]):
+                        self._log_interval(tracker, means.pop(), fps, last_return)
                     if c["env_steps"] >= t.total_steps:
                         break
-                    if c["env_steps"] >= next_eval:
+                    if eval_due(c["env_steps"]):
                         self._eval_and_log(tracker, video=False)
-                        next_eval += t.eval_every
-                    if c["env_steps"] >= next_ckpt:
+                    if ckpt_due(c["env_steps"]):
                         self.save()
-                        next_ckpt += t.checkpoint_every
             if not self.returns or self.returns[-1][0] != c["env_steps"]:
                 self._eval_and_log(tracker, video=bool(cfg.eval.video))  # final evaluation
                 self._log_open_loop(tracker)
@@ -351,6 +324,38 @@ class Trainer:
         path = self.save()
         tracker.log_artifact(str(path / "meta.json"), "checkpoints")
         return {"status": status, "checkpoint": str(path), **self.counters}
+
+    def _record_episodes(self, batch: TensorDictBase, tracker: Tracker, last: float) -> float:
+        """Count and log the episodes that ended in ``batch``; returns the latest return."""
+        ends = batch.get(("next", "done")).reshape(-1)
+        if not ends.any():
+            return last
+        rets = batch.get(("next", "episode_reward")).reshape(-1)[ends]
+        lengths = batch.get(("next", "step_count")).reshape(-1)[ends]
+        self.counters["episodes"] += int(ends.sum())
+        episode = {
+            "train/episode_return": float(rets.mean()),
+            "train/episode_length": float(lengths.float().mean()),
+        }
+        tracker.log_metrics(episode, self.counters["env_steps"])
+        return float(rets[-1])
+
+    def _log_interval(self, tracker: Tracker, means: dict, fps: float, last: float) -> None:
+        """The interval's mean losses/metrics and the run's counters, to MLflow (and a
+        line on stdout when there is no progress bar: background runs)."""
+        c = self.counters
+        logged = {f"train/{k}": v for k, v in means.items()}
+        logged.update(
+            {
+                "perf/fps": fps,
+                "perf/updates": c["updates"],
+                "perf/episodes": c["episodes"],
+                "perf/replay": len(self.replay),
+            }
+        )
+        tracker.log_metrics(logged, c["env_steps"])
+        if not self.cfg.train.progress:
+            print(_log_line(c, fps, last, logged), flush=True)
 
     def _log_open_loop(self, tracker: Tracker) -> None:
         """Open-loop prediction video (pixel envs): real vs imagined frames."""
@@ -418,8 +423,46 @@ def prune_scratch(current: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _next_multiple(x: int, every: int) -> float:
-    return (x // every + 1) * every if every else math.inf
+class _Every:
+    """True once each time a counter passes the next multiple of ``every`` (0: never)."""
+
+    def __init__(self, every: int, start: int):
+        self.every = every
+        self.next = (start // every + 1) * every if every else math.inf
+
+    def __call__(self, value: int) -> bool:
+        if value < self.next:
+            return False
+        self.next += self.every
+        return True
+
+
+class _Means:
+    """Running means of the update outputs between two log lines."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, out: TensorDictBase) -> None:
+        for k, v in out.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count += 1
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        means = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+        self.sums, self.count = {}, 0
+        return means
+
+
+class _Rate:
+    """Env steps per second since the loop started (this process)."""
+
+    def __init__(self, steps: int):
+        self.t0, self.steps0 = time.time(), steps
+
+    def __call__(self, steps: int) -> float:
+        return (steps - self.steps0) / max(time.time() - self.t0, 1e-9)
 
 
 def config_params(cfg: DictConfig) -> dict:
