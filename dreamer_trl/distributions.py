@@ -57,8 +57,10 @@ def sample_probs(probs: Tensor) -> Tensor:
     probabilities below it (clamped for a CDF that rounds to just under 1).
     """
     with torch.no_grad():
-        u = torch.rand(*probs.shape[:-1], 1, dtype=probs.dtype, device=probs.device)
-        index = (probs.cumsum(-1) < u).sum(-1).clamp_(max=probs.shape[-1] - 1)
+        # In float32 whatever the compute dtype: a bf16 uniform rounds up to 1.0 in its
+        # top 2^-9, which would give the last class that much extra probability.
+        u = torch.rand(*probs.shape[:-1], 1, device=probs.device)
+        index = (probs.float().cumsum(-1) < u).sum(-1).clamp_(max=probs.shape[-1] - 1)
         return onehot(index, probs.shape[-1], probs.dtype)
 
 
