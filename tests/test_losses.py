@@ -548,10 +548,11 @@ def test_bfloat16_imagination_tracks_float32_and_stays_out_of_the_state():
     d16, d32 = img16.feat[:, 1, :64].float(), img32.feat[:, 1, :64]
     torch.testing.assert_close(d16, d32, atol=0.03, rtol=0)
     assert (d16 - d32).abs().max() > 0  # really computed in bf16
-    # Heads on the first two states (before sampling can diverge): on average within 2 %
-    # (this test's untrained heads predict values of order 1e6 from spread-out logits).
+    # Heads on the start states (same inputs; only the compute differs — later states
+    # depend on samples, which bf16 rounding can flip): on average within 2 % (this test's
+    # untrained heads predict values of order 1e6 from spread-out logits).
     for name in ("reward", "cont", "value"):
-        a, b = getattr(img16, name)[:, :2], getattr(img32, name)[:, :2]
+        a, b = getattr(img16, name)[:, 0], getattr(img32, name)[:, 0]
         assert a.dtype == torch.float32
         assert (a - b).abs().mean() < 0.02 * b.abs().mean(), name
     # The copies follow the trained weights: change one, the next rollout sees it.
