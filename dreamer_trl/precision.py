@@ -31,6 +31,8 @@ class Precision:
             raise ValueError(f"imag_dtype {dtype!r} unknown; valid: {', '.join(DTYPES)}")
         self.dtype = DTYPES[dtype]
         self._pairs: dict[int, tuple[nn.Module, nn.Module]] = {}
+        self._src: list[torch.Tensor] = []  # fp32 parameters, and their copies below
+        self._dst: list[torch.Tensor] = []
 
     @property
     def low(self) -> bool:
@@ -44,19 +46,16 @@ class Precision:
         if pair is None or pair[0] is not module:
             shadow = copy.deepcopy(module).to(self.dtype).requires_grad_(False)
             self._pairs[id(module)] = pair = (module, shadow)
+            pairs = self._pairs.values()
+            self._src = [a for m, _ in pairs for a in m.parameters()]
+            self._dst = [b for _, c in pairs for b in c.parameters()]
         return pair[1]
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Copy the current float32 weights (and buffers) into every copy."""
-        if not self._pairs:
-            return
-        src, dst = [], []
-        for module, shadow in self._pairs.values():
-            for a, b in zip(module.parameters(), shadow.parameters()):
-                src.append(a)
-                dst.append(b)
-        torch._foreach_copy_(dst, src)
+        """Copy the current float32 parameters into every copy (buffers are constants)."""
+        if self._dst:
+            torch._foreach_copy_(self._dst, self._src)
 
     def cast(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.dtype) if self.low else x

@@ -166,9 +166,8 @@ class RSSM(nn.Module):
         """
         keep = (~is_first).to(token.dtype).unsqueeze(-1)
         act_emb = self.embed_action(prev_action * keep)
-        deter = self.core(deter * keep, stoch * keep.unsqueeze(-1), act_emb)
-        post = self._post_from_parts(deter, self._token_part(token))
-        return deter, sample_onehot_st(post), post
+        token_part = self._token_part(token)
+        return observe_step(self, deter, stoch, keep, act_emb, token_part, self.shared_weight())
 
     def img_step(
         self, deter: Tensor, stoch: Tensor, action: Tensor, w_shared: Tensor | None = None

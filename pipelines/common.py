@@ -17,6 +17,19 @@ class ConfigError(ValueError):
     """A bad command-line override; the message is one line naming the valid choices."""
 
 
+def key_values(argv: list[str], defaults: dict) -> dict:
+    """``key=value`` arguments over ``defaults`` (values stay strings); ConfigError (one
+    line) for anything else."""
+    raw = dict(defaults)
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in defaults:
+            valid = ", ".join(defaults)
+            raise ConfigError(f"unknown option {arg!r}; valid options (key=value): {valid}")
+        raw[key] = value
+    return raw
+
+
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 

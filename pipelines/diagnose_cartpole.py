@@ -17,18 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import ConfigError, run_cli  # noqa: E402
+from pipelines.common import ConfigError, key_values, run_cli  # noqa: E402
 
 X_LIMIT, THETA_LIMIT = 2.4, 0.2095
 
 
 def parse(argv: list[str]) -> dict:
-    opts = {"ckpt": None, "episodes": "6", "seed": "100"}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in opts:
-            raise ConfigError(f"unknown option {arg!r}; valid (key=value): {', '.join(opts)}")
-        opts[key] = value
+    opts = key_values(argv, {"ckpt": None, "episodes": "6", "seed": "100"})
     if not opts["ckpt"]:
         raise ConfigError("ckpt=<checkpoint dir | run dir> is required")
     return {"ckpt": opts["ckpt"], "episodes": int(opts["episodes"]), "seed": int(opts["seed"])}

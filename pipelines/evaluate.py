@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import ConfigError, run_cli  # noqa: E402
+from pipelines.common import ConfigError, key_values, run_cli  # noqa: E402
 
 # option -> (default, help); every option is given as key=value.
 OPTIONS: dict[str, tuple[str | None, str]] = {
@@ -39,13 +39,7 @@ _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 def parse_options(argv: list[str]) -> dict[str, Any]:
     """``key=value`` arguments to typed options; ConfigError (one line) on anything else."""
-    raw = {key: default for key, (default, _) in OPTIONS.items()}
-    valid = ", ".join(OPTIONS)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in OPTIONS:
-            raise ConfigError(f"unknown option {arg!r}; valid options (key=value): {valid}")
-        raw[key] = value
+    raw = key_values(argv, {key: default for key, (default, _) in OPTIONS.items()})
     if not raw["ckpt"]:
         raise ConfigError(
             "ckpt=<checkpoint dir | run dir | MLflow run id> is required "
