@@ -29,6 +29,7 @@ from .envs import make_env
 from .policy import ActingPolicy
 from .replay import StepReplay
 from .report import open_loop_video
+from .runtime import keep_freed_memory
 from .tracking import Tracker, flatten_config
 from .transforms import IncomingReward
 
@@ -108,6 +109,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if cfg.get("threads"):
             torch.set_num_threads(int(cfg.threads))
+        keep_freed_memory()
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         probe = make_env(cfg.env, cfg.seed)

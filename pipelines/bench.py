@@ -306,6 +306,10 @@ def main(argv: list[str]) -> int:
     opts = parse_options(argv)
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
+    # Process-wide, so it applies to both contenders alike.
+    from dreamer_trl.runtime import keep_freed_memory
+
+    keep_freed_memory()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {_cpu_count()} cores, "
