@@ -168,15 +168,17 @@ class ActorLoss(LossModule):
         self.horizon, self.lam, self.entropy, self.scale = horizon, lam, entropy, scale
         self.actor_grad = actor_grad
         self.precision = precision or Precision(imag_dtype)
-        # The rollout step and the reward/continue heads; compile_rollout() compiles them.
-        self._step, self._heads = None, reward_and_cont
+        # The rollout step, the heads over its states and the actor's loss terms;
+        # compile_rollout() compiles them.
+        self._step, self._heads, self._actor_terms = None, imagined_heads, actor_terms
 
     def compile_rollout(self, **kwargs) -> None:
-        """``torch.compile`` one imagination step and the reward/continue heads (no graph,
-        fixed shapes): their many small elementwise ops fuse (measured on CPU, bf16: rollout
-        183 → 140 ms, heads 43 → 25 ms)."""
+        """``torch.compile`` one imagination step, the heads over the imagined states and
+        the actor's terms (fixed shapes): their many small elementwise ops fuse, forward
+        and backward (measured on CPU, bf16: rollout 183 → 140 ms, heads 43 → 25 ms)."""
         self._step = torch.compile(rollout_step, dynamic=False, **kwargs)
-        self._heads = torch.compile(reward_and_cont, dynamic=False, **kwargs)
+        self._heads = torch.compile(imagined_heads, dynamic=False, **kwargs)
+        self._actor_terms = torch.compile(actor_terms, dynamic=False, **kwargs)
 
     def imagine_dynamics(self, deter: Tensor, stoch: Tensor) -> Imagination:
         """Rollout with a graph through the dynamics (``actor_grad="dynamics"``)."""
@@ -208,7 +210,7 @@ class ActorLoss(LossModule):
 
     def imagine(self, deter: Tensor, stoch: Tensor) -> Imagination:
         """No-grad rollout from N starts and the heads over its states, in the
-        precision's dtype (float32 by default); the critic's log-probs keep a graph."""
+        precision's dtype; rewards, continues and values come back in float32."""
         wm, low = self.world_model, self.precision
         low.refresh()  # this update's weights into the low-precision copies
         feat, action = low.copy_of(wm.rssm).imagine_feat(
@@ -220,17 +222,14 @@ class ActorLoss(LossModule):
             step=self._step,
         )
         with torch.no_grad():
-            reward, cont = self._heads(
-                low.copy_of(wm.reward), low.copy_of(wm.cont), wm.reward, feat
+            reward, cont, value = self._heads(
+                (low.copy_of(wm.reward), low.copy_of(wm.cont), low.copy_of(self.critic)),
+                (wm.reward, self.critic),
+                feat,
             )
-        with low.autocast(feat.device):
-            value_logits = self.critic(feat)
-        value_logp = torch.log_softmax(value_logits.float(), -1)  # shared with the value loss
-        value = self.critic.predict(value_logp, logp=True).detach()
         weight = torch.cumprod(cont, 1)
         ret = lambda_return(reward, cont, value, self.lam)
-        extra = {"value_logp": value_logp}
-        return Imagination(feat, action.float(), reward, cont, value, weight, ret, extra)
+        return Imagination(feat, action.float(), reward, cont, value, weight, ret)
 
     def policy_terms(self, img: Imagination, update_norm: bool = True):
         scale = self.return_norm(img.ret, update=update_norm)
@@ -241,17 +240,13 @@ class ActorLoss(LossModule):
             ent = self.actor.entropy(params)
             loss = weight * -(img.ret / scale + self.entropy * ent)
             return loss.mean(1), self._metrics(img, ent, scale, adv)
-        # One batched actor pass with a graph over all imagined states; the rollout's
-        # actor calls ran without one (the rollout buffer is written in place).
-        # On all H+1 states (contiguous rows, no copy of the [N, H, E] slice), then cut.
-        n, h1 = img.feat.shape[:2]
-        with self.precision.autocast(img.feat.device):
-            params = self.actor(_rows(img.feat))
-        params = params.float().view(n, h1, -1)[:, :-1]
-        logpi = self.actor.log_prob(params, img.action[:, : params.shape[1]])
-        ent = self.actor.entropy(params)
-        loss = weight * -(logpi * adv.detach() + self.entropy * ent)
-        return loss.mean(1), self._metrics(img, ent, scale, adv)
+        # One batched actor pass with a graph over the imagined states; the rollout's
+        # actor calls ran without one.
+        dtype, action = self.precision.dtype, img.action[:, : adv.shape[1]]
+        loss, ent = self._actor_terms(
+            self.actor, img.feat, action, adv.detach(), weight, self.entropy, dtype
+        )
+        return loss, self._metrics(img, ent, scale, adv)
 
     @staticmethod
     def _metrics(img: Imagination, ent: Tensor, scale: Tensor, adv: Tensor) -> dict:
@@ -292,7 +287,7 @@ class CriticLoss(LossModule):
     ):
         super().__init__()
         self.precision = precision or Precision()
-        self._decode = decode  # compile_decode() compiles it
+        self._decode, self._nll = decode, critic_nll  # compile_decode() compiles them
         self.critic = critic
         self.slow_critic = slow_critic or SlowCritic(critic)
         self.slowreg, self.lam, self.disc = slowreg, lam, 1.0 - 1.0 / horizon
@@ -301,25 +296,23 @@ class CriticLoss(LossModule):
     # Method names avoid the suffix "loss": LossModule wraps such methods in
     # exploration/recurrent-mode context managers on every call.
     def compile_decode(self, **kwargs) -> None:
-        """``torch.compile`` the slow critic's pass and decode over imagined states."""
+        """``torch.compile`` the slow critic's pass and the critic's two-hot terms over
+        imagined states (forward and backward)."""
         self._decode = torch.compile(decode, dynamic=False, **kwargs)
+        self._nll = torch.compile(critic_nll, dynamic=False, **kwargs)
 
-    def _regressed(self, logp: Tensor, feat: Tensor, target: Tensor) -> Tensor:
-        """Two-hot CE of log-probs ``logp`` [B, L, K] to ``target`` [B, L] plus slowreg · CE
-        to the slow critic's prediction on ``feat`` [B, L+1, E] (the last state only
+    def slow_values(self, feat: Tensor) -> Tensor:
+        """The slow critic's predictions [B, L] on ``feat`` [B, L+1, E] (the last state only
         bootstraps: the slow critic runs on all rows, which are contiguous, and is cut)."""
         slow_net = self.precision.copy_of(self.slow_critic)
         with torch.no_grad():
             x = self.precision.cast(_rows(feat.detach()))
-            slow = self._decode(slow_net, self.slow_critic, x).view(feat.shape[:2])[:, :-1]
-        return self.critic.nll(logp, target) + self.slowreg * self.critic.nll(logp, slow)
+            return self._decode(slow_net, self.slow_critic, x).view(feat.shape[:2])[:, :-1]
 
     def value_terms(self, img: Imagination) -> Tensor:
         """Per-start imagined value loss, [N]."""
-        logp = img.extra.get("value_logp")
-        if logp is None:  # an Imagination built elsewhere
-            logp = torch.log_softmax(self.critic(img.feat), -1)
-        loss = self._regressed(logp[:, :-1], img.feat, img.ret)
+        slow = self.slow_values(img.feat)
+        loss = self._nll(self.critic, img.feat, img.ret, slow, self.slowreg, self.precision.dtype)
         return (img.weight[:, :-1] * loss).mean(1)
 
     def repval_terms(self, feat: Tensor, seq: Sequence, boot: Tensor) -> Tensor:
@@ -329,7 +322,9 @@ class CriticLoss(LossModule):
         live = (1.0 - seq.is_terminal.float()) * self.disc
         ret = lambda_return(seq.reward, live, boot.detach(), self.lam, last=seq.is_last)
         logits = self.critic(_rows(feat)).view(*feat.shape[:2], -1)[:, :-1]
-        loss = self._regressed(torch.log_softmax(logits, -1), feat, ret)
+        logp = torch.log_softmax(logits, -1)
+        slow = self.slow_values(feat)
+        loss = self.critic.nll(logp, ret) + self.slowreg * self.critic.nll(logp, slow)
         return (1.0 - seq.is_last[:, :-1].float()) * loss
 
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
@@ -430,13 +425,42 @@ def decode(net: torch.nn.Module, head, x: Tensor) -> Tensor:
     return head.predict(net(x).float())
 
 
-def reward_and_cont(
-    reward_net: torch.nn.Module, cont_net: torch.nn.Module, reward_head, feat: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Predicted reward and continue probability [N, H+1] of imagined states (float32).
-    ``*_net`` compute the logits (possibly low-precision copies); ``reward_head`` decodes."""
+def imagined_heads(nets: tuple, heads: tuple, feat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Predicted reward, continue probability and value [N, H+1] of imagined states
+    ``feat`` [N, H+1, E], in float32. ``nets`` = (reward, cont, critic) compute the logits
+    (possibly low-precision copies); ``heads`` = (reward, critic) decode them."""
+    reward_net, cont_net, critic_net = nets
+    reward_head, critic_head = heads
     reward = reward_head.predict(reward_net(feat).float())
-    return reward, torch.sigmoid(cont_net(feat).float())
+    value = critic_head.predict(critic_net(feat).float())
+    return reward, torch.sigmoid(cont_net(feat).float()), value
+
+
+def critic_nll(
+    critic, feat: Tensor, ret: Tensor, slow: Tensor, slowreg: float, dtype: torch.dtype
+) -> Tensor:
+    """Two-hot CE of the critic on states 0..H-1 of ``feat`` [N, H+1, E] to the λ-returns
+    ``ret`` [N, H], plus ``slowreg`` · CE to the slow critic's ``slow`` [N, H]. Matmuls in
+    ``dtype`` (autocast: float32 weights and gradients), the CE in float32."""
+    n, h = ret.shape
+    with torch.autocast(feat.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        logits = critic(feat[:, :-1].reshape(n * h, -1))
+    logp = torch.log_softmax(logits.float(), -1).view(n, h, -1)
+    return critic.nll(logp, ret) + slowreg * critic.nll(logp, slow)
+
+
+def actor_terms(
+    actor, feat: Tensor, action: Tensor, adv: Tensor, weight: Tensor, eta: float, dtype
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE loss per start [N] and entropies [N, H] on states 0..H-1 of ``feat``
+    [N, H+1, E]: −w·(log π(a)·adv + η·H[π]), ``adv`` and ``weight`` [N, H] constants."""
+    n, h = adv.shape
+    with torch.autocast(feat.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        params = actor(feat[:, :-1].reshape(n * h, -1))
+    params = params.float().view(n, h, -1)
+    ent = actor.entropy(params)
+    loss = weight * -(actor.log_prob(params, action) * adv + eta * ent)
+    return loss.mean(1), ent
 
 
 def _rows(x: Tensor) -> Tensor:
