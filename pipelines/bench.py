@@ -15,7 +15,8 @@ figure). Prints a table and writes results/bench.json.
 
 Options (key=value): rounds=7, warmup=2, compile=false (true adds the whole-update
 torch.compile: 10+ minutes of compilation on a 2-core CPU), acting_steps=2000, threads=0 (0: torch
-default), out=results/bench.json, memory=true.
+default), out=results/bench.json, memory=true, keep_memory=true (glibc keeps freed memory
+mapped, as training does; it applies to every contender in the process, TorchRL included).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ OPTIONS = {
     "threads": 0,
     "out": "results/bench.json",
     "memory": True,
+    "keep_memory": True,
 }
 SIZE1M = dict(name="size1m", deter=512, hidden=64, classes=4, units=64, depth=4)
 SIZE12M = dict(name="size12m", deter=2048, hidden=256, classes=16, units=256, depth=16)
@@ -306,10 +308,10 @@ def main(argv: list[str]) -> int:
     opts = parse_options(argv)
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
-    # Process-wide, so it applies to both contenders alike.
     from dreamer_trl.runtime import keep_freed_memory
 
-    keep_freed_memory()
+    # Process-wide, so it applies to both contenders alike.
+    kept = opts["keep_memory"] and keep_freed_memory()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {_cpu_count()} cores, "
@@ -317,6 +319,7 @@ def main(argv: list[str]) -> int:
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
+        "keep_freed_memory": kept,
         "cpu": None,
         "gpu": None,
     }
@@ -354,6 +357,7 @@ def print_table(report: dict) -> None:
             continue
         u = r["update_seconds"]
         print(f"\n== {dev} ({report['machine']}, commit {report['commit']}) ==")
+        print(f"  glibc keeps freed memory: {report.get('keep_freed_memory')}")
         rows = [(k, f"{v * 1000:.0f} ms") for k, v in u.items() if v is not None]
         rows += [
             ("ratio torchrl / ours (best default)", f"{r['ratio_vs_torchrl']:.2f}x"),
