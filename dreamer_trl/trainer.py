@@ -11,6 +11,7 @@ import shutil
 import signal
 import time
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,7 @@ class Trainer:
             "wall_seconds": 0.0,
         }
         self._clock = None  # (time.time() at train start, wall_seconds then)
+        self.phases = Phases()
         self.mlflow_run_id: str | None = None
         self.commit = _git_commit()  # of the code that started the run (kept on resume)
         self.returns: list[tuple[int, float]] = []  # (env step, eval return)
@@ -206,9 +208,12 @@ class Trainer:
 
     # ---- one training step -----------------------------------------------------------
     def update(self) -> TensorDictBase:
-        batch = self.replay.sample().to(self.device)
-        out = self.agent.update(batch)
-        self.replay.write_back(batch, out.get("deter"), out.get("stoch"))
+        with self.phases("sample"):
+            batch = self.replay.sample().to(self.device)
+        with self.phases("update"):
+            out = self.agent.update(batch)
+        with self.phases("write_back"):
+            self.replay.write_back(batch, out.get("deter"), out.get("stoch"))
         self.counters["updates"] += 1
         return out.exclude("deter", "stoch")
 
@@ -266,6 +271,7 @@ class Trainer:
     def train(self, tracker: Tracker) -> dict:
         cfg, t, c = self.cfg, self.cfg.train, self.counters
         self._clock = (time.time(), c.get("wall_seconds", 0.0))
+        self.phases = Phases(c["env_steps"])
         prune_scratch(self.scratch)
         policy = make_policy(
             self.agent,
@@ -290,9 +296,13 @@ class Trainer:
         status = "FINISHED"
         try:
             if not done:
-                for batch in collector:
+                batches = iter(collector)
+                while True:
+                    with self.phases("collect"):  # acting and env steps
+                        batch = next(batches)
                     n = batch.numel()
-                    self.replay.extend(batch.cpu(), stream=stream_of(batch))
+                    with self.phases("extend"):
+                        self.replay.extend(batch.cpu(), stream=stream_of(batch))
                     c["env_steps"] += n
                     last_return = self._record_episodes(batch, tracker, last_return)
                     for _ in range(self.updates_for(n)):
@@ -310,9 +320,11 @@ class Trainer:
                     if c["env_steps"] >= t.total_steps:
                         break
                     if eval_due(c["env_steps"]):
-                        self._eval_and_log(tracker, video=False)
+                        with self.phases("eval"):
+                            self._eval_and_log(tracker, video=False)
                     if ckpt_due(c["env_steps"]):
-                        self.save()
+                        with self.phases("checkpoint"):
+                            self.save()
             if not self.returns or self.returns[-1][0] != c["env_steps"]:
                 self._eval_and_log(tracker, video=bool(cfg.eval.video))  # final evaluation
                 self._log_open_loop(tracker)
@@ -355,6 +367,7 @@ class Trainer:
                 "perf/replay": len(self.replay),
             }
         )
+        logged.update(self.phases.pop(c["env_steps"]))
         tracker.log_metrics(logged, c["env_steps"])
         if not self.cfg.train.progress:
             print(_log_line(c, fps, last, logged), flush=True)
@@ -385,9 +398,14 @@ def _log_line(counters: dict, fps: float, last_return: float, logged: dict) -> s
         for k, v in logged.items()
         if k.startswith("train/loss_")
     )
+    phases = " ".join(
+        f"{k.rsplit('/', 1)[-1]}={float(v):.3f}"
+        for k, v in logged.items()
+        if k.startswith("perf/sec_per_step/")
+    )
     return (
         f"step {counters['env_steps']} updates {counters['updates']} fps {fps:.1f} "
-        f"return {last_return:.1f} {losses}"
+        f"return {last_return:.1f} {losses}" + (f" | s/step {phases}" if phases else "")
     )
 
 
@@ -455,6 +473,30 @@ class _Means:
         means = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
         self.sums, self.count = {}, 0
         return means
+
+
+class Phases:
+    """Wall seconds spent in each phase of the loop (collect, extend, sample, update,
+    write_back, eval, checkpoint), reported per env step: where a run's time goes."""
+
+    def __init__(self, env_steps: int = 0):
+        self.seconds: dict[str, float] = {}
+        self.since = env_steps  # env step of the last report
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def pop(self, env_steps: int) -> dict[str, float]:
+        """``perf/sec_per_step/<phase>``: seconds per env step since the last report."""
+        steps = env_steps - self.since
+        out = {f"perf/sec_per_step/{k}": v / max(steps, 1) for k, v in self.seconds.items()}
+        self.seconds, self.since = {}, env_steps
+        return out
 
 
 class _Rate:

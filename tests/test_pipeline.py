@@ -221,6 +221,14 @@ def check_finished_run(store: str, env: str, run_dir: Path, run_id: str) -> None
     assert steps("perf/fps") == [16, 32, 48, 64]
     assert steps("train/loss_rec") == [32, 48, 64]  # updates start at train_start=32
     assert steps("eval/return") == [64]
+    # Timed phases: where each interval's wall time went, per env step.
+    assert steps("perf/sec_per_step/collect") == [16, 32, 48, 64]
+    assert steps("perf/sec_per_step/update") == [32, 48, 64]
+    phases = {k: v for k, v in metrics.items() if k.startswith("perf/sec_per_step/")}
+    assert {"collect", "extend", "sample", "update", "write_back"} <= {
+        k.rsplit("/", 1)[-1] for k in phases
+    }, phases
+    assert all(v > 0 for v in phases.values()), phases
     if env != "cartpole":
         assert metrics["eval/length"] <= EPISODE_CAP
 
