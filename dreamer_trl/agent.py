@@ -174,10 +174,10 @@ class DreamerV3Agent(nn.Module):
         """Compile the forward+backward of the loss with ``torch.compile``."""
         self._loss_fn = torch.compile(self._loss_and_grads, **kwargs)
 
-    def compile_steps(self, **kwargs) -> None:
-        """Compile the RSSM's observe step and imagination step only (seconds to compile,
-        where the whole update takes minutes); the loops around them stay eager."""
-        self.loss.wm_loss.compile_observe(**kwargs)
+    def compile_steps(self, observe_chunk: int = 1, **kwargs) -> None:
+        """Compile the RSSM's observe steps (``observe_chunk`` per graph) and imagination
+        step, and the heads over imagined states; the loops around them stay eager."""
+        self.loss.wm_loss.compile_observe(observe_chunk, **kwargs)
         self.loss.actor_loss.compile_rollout(**kwargs)
         self.loss.critic_loss.compile_decode(**kwargs)
 

@@ -133,29 +133,35 @@ class RSSM(nn.Module):
         is_first: Tensor,
         deter: Tensor,
         stoch: Tensor,
-        step: Callable | None = None,
+        steps: Callable | None = None,
+        chunk: int | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Filter a sequence: tokens [B, T, F], prev_action [B, T, A], is_first [B, T].
 
         At ``is_first`` the incoming deter, stoch and previous action are zeroed.
         Returns deter [B, T, D], stoch [B, T, S, C] (one-hot samples, straight-through
-        gradients) and post logits [B, T, S, C]. ``step`` replaces :func:`observe_step`
-        (e.g. its ``torch.compile``-d version).
+        gradients) and post logits [B, T, S, C]. ``steps`` replaces :func:`observe_steps`
+        (e.g. its ``torch.compile``-d version) and runs on ``chunk`` steps at a time
+        (default: all T at once).
         """
-        step = step or observe_step
+        steps = steps or observe_steps
         keep = (~is_first).to(tokens.dtype).unsqueeze(-1)
         act_emb = self.embed_action(prev_action * keep)
         token_part = self._token_part(tokens)
         w_shared = self.shared_weight()
-        deters, stochs, posts = [], [], []
-        for t in range(tokens.shape[1]):
-            deter, stoch, post = step(
-                self, deter, stoch, keep[:, t], act_emb[:, t], token_part[:, t], w_shared
+        t_all = tokens.shape[1]
+        chunk = chunk or t_all
+        outs = []
+        for t in range(0, t_all, chunk):
+            part = slice(t, t + chunk)
+            out = steps(
+                self, deter, stoch, keep[:, part], act_emb[:, part], token_part[:, part], w_shared
             )
-            deters.append(deter)
-            stochs.append(stoch)
-            posts.append(post)
-        return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(posts, 1)
+            deter, stoch = out[0][:, -1], out[1][:, -1]
+            outs.append(out)
+        if len(outs) == 1:
+            return outs[0]
+        return tuple(torch.cat(parts, 1) for parts in zip(*outs))
 
     def obs_step(
         self, deter: Tensor, stoch: Tensor, prev_action: Tensor, token: Tensor, is_first: Tensor
@@ -248,6 +254,29 @@ def observe_step(
     deter = rssm.core(deter * keep, stoch * keep.unsqueeze(-1), act_emb, w_shared)
     post = rssm._post_from_parts(deter, token_part)
     return deter, sample_onehot_st(post), post
+
+
+def observe_steps(
+    rssm: RSSM,
+    deter: Tensor,
+    stoch: Tensor,
+    keep: Tensor,
+    act_emb: Tensor,
+    token_part: Tensor,
+    w_shared: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`observe_step` over the K steps of ``keep`` [B, K, 1], ``act_emb`` [B, K, H] and
+    ``token_part`` [B, K, H], stacked: deter [B, K, D], stoch and post [B, K, S, C]. Compiled
+    whole, a chunk of steps is one graph forward and one backward (fewer calls per step)."""
+    deters, stochs, posts = [], [], []
+    for t in range(keep.shape[1]):
+        deter, stoch, post = observe_step(
+            rssm, deter, stoch, keep[:, t], act_emb[:, t], token_part[:, t], w_shared
+        )
+        deters.append(deter)
+        stochs.append(stoch)
+        posts.append(post)
+    return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(posts, 1)
 
 
 def rollout_step(

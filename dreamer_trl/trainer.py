@@ -120,7 +120,8 @@ class Trainer:
         if cfg.compile.enabled:
             self.agent.compile(mode=cfg.compile.mode)
         elif cfg.compile.get("steps", True):  # configs saved before the key: the default
-            self.agent.compile_steps(mode=cfg.compile.mode)
+            chunk = int(cfg.compile.get("observe_chunk", 4))  # likewise
+            self.agent.compile_steps(observe_chunk=chunk, mode=cfg.compile.mode)
         self.scratch = fresh_scratch_dir(self.run_dir)
         self.replay = self.make_replay(replay_capacity(cfg))
         self.counters = {

@@ -16,7 +16,8 @@ figure). Prints a table and writes results/bench.json.
 Options (key=value): rounds=7, warmup=2, compile=false (true adds the whole-update
 torch.compile: 10+ minutes of compilation on a 2-core CPU), acting_steps=2000, threads=0 (0: torch
 default), out=results/bench.json, memory=true, keep_memory=true (glibc keeps freed memory
-mapped, as training does; it applies to every contender in the process, TorchRL included).
+mapped, as training does; it applies to every contender in the process, TorchRL included),
+observe_chunk=4 (filtering steps per compiled graph, as ``compile.observe_chunk``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ OPTIONS = {
     "out": "results/bench.json",
     "memory": True,
     "keep_memory": True,
+    "observe_chunk": 4,
 }
 SIZE1M = dict(name="size1m", deter=512, hidden=64, classes=4, units=64, depth=4)
 SIZE12M = dict(name="size12m", deter=2048, hidden=256, classes=16, units=256, depth=16)
@@ -97,7 +99,12 @@ def synthetic_batch(
 
 
 def make_ours(
-    model: dict, obs: dict, device, compiled: str | None = None, algo: dict | None = None
+    model: dict,
+    obs: dict,
+    device,
+    compiled: str | None = None,
+    algo: dict | None = None,
+    observe_chunk: int = 1,
 ):
     """(update fn, param count, agent, batch) for our agent on synthetic data."""
     from dreamer_trl.agent import DreamerV3Agent
@@ -112,7 +119,7 @@ def make_ours(
     if compiled == "update":
         agent.compile()
     elif compiled == "steps":
-        agent.compile_steps()
+        agent.compile_steps(observe_chunk=observe_chunk)
     batch = synthetic_batch(16, 64, obs, 6, model["deter"], model["classes"], device)
     return (lambda: agent.update(batch)), agent.num_params(), agent, batch
 
@@ -255,7 +262,8 @@ def bench_device(device: str, opts: dict) -> dict:
     fp32 = make_ours(SIZE1M, obs, device, algo={"imag_dtype": "float32"})[0]
     # ours_compiled is the pipeline default (compile.steps): the RSSM observe and
     # imagination steps compiled; compile=true adds the whole update as ours_compiled_update.
-    compiled = make_ours(SIZE1M, obs, device, compiled="steps")[0]
+    chunk = opts["observe_chunk"]
+    compiled = make_ours(SIZE1M, obs, device, compiled="steps", observe_chunk=chunk)[0]
     compile_s = timed(compiled, device)
     print(f"  compiled RSSM steps: first call (compile) {compile_s:.1f}s", flush=True)
     contenders = {

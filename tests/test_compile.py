@@ -77,7 +77,7 @@ def test_compiled_steps_match_eager():
         )
 
     d_e, s_e, g_e, img_e = run()
-    agent.compile_steps()
+    agent.compile_steps(observe_chunk=2)  # T=5: chunks of 2, 2 and 1 steps
     d_c, s_c, g_c, img_c = run()
     torch.testing.assert_close(d_c, d_e)
     torch.testing.assert_close(s_c, s_e)

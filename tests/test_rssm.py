@@ -91,6 +91,32 @@ def test_obs_step_equals_one_observe_step(rssm):
     assert s.shape == (2, STOCH, CLASSES)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7])
+def test_observe_in_chunks_equals_one_pass(rssm, chunk):
+    """compile.observe_chunk: filtering K steps per call (the last chunk shorter) gives the
+    same states, samples and gradients as one pass over the sequence."""
+    b, t = 2, 7
+    tokens = torch.randn(b, t, TOK, dtype=torch.float64, requires_grad=True)
+    action = torch.randn(b, t, ACT, dtype=torch.float64)
+    first = torch.zeros(b, t, dtype=torch.bool)
+    first[0, 3] = True  # a reset inside a chunk
+    deter, stoch = _random_state(b)
+
+    def run(k):
+        torch.manual_seed(5)
+        out = rssm.observe(tokens, action, first, deter, stoch, chunk=k)
+        (grad,) = torch.autograd.grad(out[0].sum() + out[2].square().sum(), tokens)
+        return out, grad
+
+    (d1, s1, p1), g1 = run(None)
+    (dk, sk, pk), gk = run(chunk)
+    assert dk.shape == (b, t, DETER) and sk.shape == (b, t, STOCH, CLASSES)
+    torch.testing.assert_close(dk, d1)
+    torch.testing.assert_close(sk, s1)
+    torch.testing.assert_close(pk, p1)
+    torch.testing.assert_close(gk, g1)
+
+
 # --------------------------------------------------------------------------- the core
 
 
