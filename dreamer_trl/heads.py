@@ -50,9 +50,9 @@ class TwoHotHead(nn.Module):
         """Logits [..., K]."""
         return self.out(self.mlp(feat))
 
-    def predict(self, logits: Tensor, logp: bool = False) -> Tensor:
-        """Expected value in raw units, [...]; ``logp``: the input is log-probabilities."""
-        value = twohot_decode(logits, self.bins, symmetric=True, logp=logp)
+    def predict(self, logits: Tensor) -> Tensor:
+        """Expected value in raw units, [...]."""
+        value = twohot_decode(logits, self.bins, symmetric=True)
         return symexp(value) if self.symlog_space else value
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
