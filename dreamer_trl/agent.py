@@ -12,6 +12,7 @@ from torch import nn
 from torchrl.data import Bounded, Categorical, Composite, OneHot, Unbounded
 
 from .actor_critic import Critic
+from .compiling import compile_fn
 from .heads import Actor
 from .losses import DreamerV3Loss, total_loss
 from .optim import LaProp
@@ -172,7 +173,7 @@ class DreamerV3Agent(nn.Module):
 
     def compile(self, **kwargs) -> None:
         """Compile the forward+backward of the loss with ``torch.compile``."""
-        self._loss_fn = torch.compile(self._loss_and_grads, **kwargs)
+        self._loss_fn = compile_fn(self._loss_and_grads, **kwargs)
 
     def compile_steps(self, observe_chunk: int = 1, **kwargs) -> None:
         """Compile the RSSM's observe steps (``observe_chunk`` per graph) and imagination

@@ -21,6 +21,7 @@ from torch import Tensor
 from torchrl.objectives import LossModule
 
 from .actor_critic import Critic, ReturnNormalizer, SlowCritic
+from .compiling import compile_fn
 from .distributions import sample_onehot_st
 from .functional import lambda_return
 from .heads import Actor
@@ -112,7 +113,7 @@ class WorldModelLoss(_DreamerLossBase):
         compile on a loaded 2-core box: 50 s, 200 s, 310 s; the inductor cache keeps it)."""
         if chunk < 1:
             raise ValueError(f"observe chunk {chunk} must be a positive number of steps")
-        self._steps = torch.compile(observe_steps, dynamic=False, **kwargs)
+        self._steps = compile_fn(observe_steps, dynamic=False, **kwargs)
         self._chunk = chunk
 
     def observe(self, seq: Sequence):
@@ -188,9 +189,9 @@ class ActorLoss(LossModule):
         """``torch.compile`` one imagination step, the heads over the imagined states and
         the actor's terms (fixed shapes): their many small elementwise ops fuse, forward
         and backward (measured on CPU, bf16: rollout 183 → 140 ms, heads 43 → 25 ms)."""
-        self._step = torch.compile(rollout_step, dynamic=False, **kwargs)
-        self._heads = torch.compile(imagined_heads, dynamic=False, **kwargs)
-        self._actor_terms = torch.compile(actor_terms, dynamic=False, **kwargs)
+        self._step = compile_fn(rollout_step, dynamic=False, **kwargs)
+        self._heads = compile_fn(imagined_heads, dynamic=False, **kwargs)
+        self._actor_terms = compile_fn(actor_terms, dynamic=False, **kwargs)
 
     def imagine_dynamics(self, deter: Tensor, stoch: Tensor) -> Imagination:
         """Rollout with a graph through the dynamics (``actor_grad="dynamics"``)."""
@@ -310,8 +311,8 @@ class CriticLoss(LossModule):
     def compile_decode(self, **kwargs) -> None:
         """``torch.compile`` the slow critic's pass and the critic's two-hot terms over
         imagined states (forward and backward)."""
-        self._decode = torch.compile(decode, dynamic=False, **kwargs)
-        self._nll = torch.compile(critic_nll, dynamic=False, **kwargs)
+        self._decode = compile_fn(decode, dynamic=False, **kwargs)
+        self._nll = compile_fn(critic_nll, dynamic=False, **kwargs)
 
     def slow_values(self, feat: Tensor) -> Tensor:
         """The slow critic's predictions [B, L] on ``feat`` [B, L+1, E] (the last state only

@@ -127,6 +127,13 @@ def block_matmul(x: Tensor, weight: Tensor, bias: Tensor, base: Tensor | None = 
     return torch.cat(outs, -1)
 
 
+def tanh(x: Tensor) -> Tensor:
+    """tanh(x) as 2·σ(2x) − 1: the same function (absolute error ~1e-7 in float32), but
+    torch's CPU tanh, eager or compiled, is 3-4× slower than its sigmoid (size1m GRU gates:
+    1.2 vs 0.3 ms per [1024, 512] imagination step)."""
+    return 2.0 * torch.sigmoid(2.0 * x) - 1.0
+
+
 class ChannelNorm(nn.Module):
     """Norm over the channel dim of NCHW maps (the reference normalises NHWC's last dim)."""
 

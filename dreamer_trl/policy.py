@@ -19,6 +19,7 @@ from torchrl.data import Composite, Unbounded
 from torchrl.envs import TensorDictPrimer
 from torchrl.envs.utils import ExplorationType, exploration_type
 
+from .compiling import compile_fn
 from .heads import Actor
 from .world_model import WorldModel
 
@@ -85,7 +86,7 @@ class ActingPolicy(TensorDictModuleBase):
         if getattr(self, "_compile_kwargs", None) is None:
             return self._step
         if self._compiled is None:
-            self._compiled = torch.compile(self._step, **self._compile_kwargs)
+            self._compiled = compile_fn(self._step, **self._compile_kwargs)
         return self._compiled
 
     def _step(self, obs: dict, deter, stoch, prev_action, is_first, greedy: bool):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributions import sample_onehot_st, sample_probs, unimix_logits, unimix_probs
-from .nets import BlockLinear, HiddenLayer, Linear, block_matmul, make_norm
+from .nets import BlockLinear, HiddenLayer, Linear, block_matmul, make_norm, tanh
 
 
 class RSSM(nn.Module):
@@ -92,7 +92,7 @@ class RSSM(nn.Module):
         x = nn.functional.silu(self.dynhid_norm(x))
         gates = self.dyngru(x).view(n, g, 3, k)
         reset, cand, update = gates[:, :, 0], gates[:, :, 1], gates[:, :, 2]
-        cand = torch.tanh(torch.sigmoid(reset) * cand)
+        cand = tanh(torch.sigmoid(reset) * cand)
         update = torch.sigmoid(update - 1.0)
         deter = deter.view(n, g, k)
         return (update * cand + (1.0 - update) * deter).view(n, self.deter)

@@ -19,6 +19,7 @@ from dreamer_trl.nets import (
     Linear,
     block_matmul,
     make_norm,
+    tanh,
     trunc_normal_,
 )
 
@@ -187,3 +188,16 @@ def test_conv_decoder_shape_and_range():
     assert out.shape == (2, 3, 64, 64)
     assert out.min().item() >= 0.0 and out.max().item() <= 1.0
     assert out.std().item() > 0
+
+
+def test_tanh_via_sigmoid_matches_torch_tanh_and_its_gradient():
+    x = torch.tensor([-30.0, -3.0, -0.5, -1e-3, 0.0, 1e-3, 0.5, 3.0, 30.0], dtype=torch.float64)
+    x.requires_grad_(True)
+    y = tanh(x)
+    torch.testing.assert_close(y, torch.tanh(x), atol=1e-15, rtol=0)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, 1 - torch.tanh(x.detach()) ** 2, atol=1e-15, rtol=0)
+    # float32 over a wide range: absolute error at float32 rounding, exact odd symmetry at 0
+    z = torch.linspace(-10, 10, 20001)
+    assert (tanh(z) - torch.tanh(z)).abs().max() < 3e-7
+    assert tanh(torch.zeros(1)).item() == 0.0
