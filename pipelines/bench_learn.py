@@ -130,6 +130,13 @@ def write_result(task: str, seed: int) -> dict | None:
     return result
 
 
+def all_seeds(task: str) -> list[dict]:
+    """Every seed's result file for ``task`` (the plot shows them all, not only the seeds
+    this invocation ran), in seed order."""
+    runs = [json.loads(p.read_text()) for p in RESULTS.glob(f"{task}-seed*.json")]
+    return sorted(runs, key=lambda r: r["seed"])
+
+
 def plot_task(task: str, results: list[dict]) -> Path | None:
     import matplotlib
 
@@ -177,7 +184,7 @@ def main(argv: list[str]) -> int:
         run_all(jobs, opts["parallel"])
     for task in opts["tasks"]:
         results = [write_result(task, s) for s in opts["seeds"]]
-        png = plot_task(task, results)
+        png = plot_task(task, all_seeds(task))
         for r in filter(None, results):
             print(
                 f"{task} seed {r['seed']}: {r['env_steps']}/{r['budget']} steps, final eval "
