@@ -5,11 +5,17 @@ slice may cross episode boundaries (``is_first`` resets the model there) exactly
 the reference's replay, and short episodes (CartPole) never starve the sampler.
 Streams of several envs interleave in storage; the sampler's ``fragmented`` mode
 rebuilds them from (``stream``, ``stream_step``).
+
+Online queue (SPEC.md, Replay; the reference's ``online`` replay): each stream's steps are
+cut into consecutive, non-overlapping sequences as they arrive, and every batch takes
+those fresh sequences first (at most B), filling the rest uniformly. Every step is thus
+trained on at least once soon after it is collected, whatever the buffer's size.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections import deque
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -28,6 +34,7 @@ class StepReplay:
         obs_keys: observation keys to store.
         storage: ``memmap`` (disk-backed, the default) or ``tensor`` (in memory, e.g. GPU).
         scratch_dir: where the memmap files live (a temp dir if None).
+        online: queue fresh sequences ahead of uniform samples (the reference's default).
     """
 
     def __init__(
@@ -39,8 +46,15 @@ class StepReplay:
         storage: str = "memmap",
         scratch_dir: str | None = None,
         device="cpu",
+        online: bool = True,
     ):
         self.batch_size, self.seq_len, self.obs_keys = batch_size, seq_len, list(obs_keys)
+        self.online = online
+        # Storage indices of each stream's steps not yet in an online sequence, and the
+        # fresh sequences (seq_len storage indices each) waiting to be trained on.
+        # Queue entries are (stream, first step's stream_step, storage indices).
+        self._pending: dict[int, list[int]] = {}
+        self.queue: deque[tuple[int, int, list[int]]] = deque()
         self.capacity = int(capacity)
         if storage == "memmap":
             store = LazyMemmapStorage(
@@ -57,9 +71,8 @@ class StepReplay:
             fragmented=True,
             strict_length=True,
         )
-        self.buffer = TensorDictReplayBuffer(
-            storage=store, sampler=sampler, batch_size=batch_size * seq_len
-        )
+        # No batch size here: each sample() asks for the uniform part it needs.
+        self.buffer = TensorDictReplayBuffer(storage=store, sampler=sampler)
         self.stream_steps: dict[int, int] = {}  # next step number of each env stream
 
     def __len__(self) -> int:
@@ -75,16 +88,47 @@ class StepReplay:
         steps.set("stream", torch.full((n,), stream, dtype=torch.long))
         steps.set("stream_step", torch.arange(start, start + n))
         self.stream_steps[stream] = start + n
-        self.buffer.extend(steps)
+        index = self.buffer.extend(steps)
+        if self.online:
+            pending = self._pending.setdefault(stream, [])
+            pending.extend(int(i) for i in index)
+            while len(pending) >= self.seq_len:
+                first = start + n - len(pending)  # stream_step of pending[0]
+                self.queue.append((stream, first, pending[: self.seq_len]))
+                del pending[: self.seq_len]
         return n
 
     def can_sample(self) -> bool:
         return any(n >= self.seq_len for n in self.stream_steps.values())
 
     def sample(self) -> TensorDictBase:
-        """A batch of steps [B, T+1], with ``index`` for :meth:`write_back`."""
-        td = self.buffer.sample()
+        """A batch of steps [B, T+1], with ``index`` for :meth:`write_back`: the queued
+        fresh sequences first, then uniform slices. The slice sampler's end markers
+        (under ``"next"``) are dropped: steps carry their own is_first/is_last flags."""
+        fresh = self._pop_fresh()
+        rest = (self.batch_size - len(fresh)) * self.seq_len
+        parts = []
+        if fresh:
+            index = torch.tensor([i for seq in fresh for i in seq])
+            td = self.buffer.storage[index]
+            td.set("index", index.unsqueeze(-1).to(td.device))  # the sampler's layout
+            parts.append(td)
+        if rest:
+            parts.append(self.buffer.sample(batch_size=rest).exclude("next"))
+        td = parts[0] if len(parts) == 1 else torch.cat(parts)
         return td.reshape(self.batch_size, self.seq_len)
+
+    def _pop_fresh(self) -> list[list[int]]:
+        """Storage indices of up to B queued sequences. One that the circular storage
+        has overwritten since it was queued (a buffer smaller than the queue) is dropped:
+        overwriting runs oldest first, so its first step is the one to check."""
+        fresh = []
+        while self.queue and len(fresh) < self.batch_size:
+            stream, first, seq = self.queue.popleft()
+            stored = self.buffer.storage[seq[0]]
+            if stored.get("stream") == stream and stored.get("stream_step") == first:
+                fresh.append(seq)
+        return fresh
 
     def write_back(self, batch: TensorDictBase, deter: torch.Tensor, stoch: torch.Tensor) -> None:
         """Refresh the stored latents of steps 1..T with the training posteriors [B, T]."""
@@ -99,7 +143,18 @@ class StepReplay:
         self.buffer.storage.set(index, update.to(self.buffer.storage.device), set_cursor=False)
 
     def state_dict(self) -> dict:
-        return {"stream_steps": dict(self.stream_steps), "capacity": self.capacity}
+        return {
+            "stream_steps": dict(self.stream_steps),
+            "capacity": self.capacity,
+            "online_pending": {k: list(v) for k, v in self._pending.items()},
+            "online_queue": [[stream, first, list(seq)] for stream, first, seq in self.queue],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.stream_steps = {int(k): int(v) for k, v in state["stream_steps"].items()}
+        # Checkpoints from before the online queue have neither key: it starts empty.
+        self._pending = {int(k): list(v) for k, v in state.get("online_pending", {}).items()}
+        self.queue = deque(
+            (int(stream), int(first), list(seq))
+            for stream, first, seq in state.get("online_queue", [])
+        )

@@ -182,6 +182,7 @@ class Trainer:
             cfg.replay.storage,
             str(self.scratch),
             cfg.replay.device,
+            online=bool(cfg.replay.online),
         )
 
     def load(self, path: str | Path) -> None:
