@@ -7,7 +7,7 @@ TASKS   ?=
 SEEDS   ?=
 export MUJOCO_GL ?= egl
 
-.PHONY: setup test test-slow lint train eval ui bench bench-learn
+.PHONY: setup test test-slow lint train eval ui bench bench-learn device-kit
 
 setup:  ## create .venv: CPU torch first (so nothing pulls a CUDA build), then the package
 	test -x $(PY) || python3 -m venv .venv
@@ -37,3 +37,15 @@ bench:  ## update-step and acting benchmark; writes results/bench.json
 
 bench-learn:  ## learning benchmarks: make bench-learn TASKS=cartpole,pendulum SEEDS=0,1
 	$(PY) pipelines/bench_learn.py $(if $(TASKS),tasks=[$(TASKS)]) $(if $(SEEDS),seeds=[$(SEEDS)]) $(ARGS)
+
+# Wheels the lent GPU machine lacks (it has torch; the rest of what bench.py imports is
+# here), for pipelines/gpu_bench.sh: Python 3.12, manylinux x86-64, into the ignored .whl/.
+WHEEL_PLATFORMS = $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
+device-kit:  ## download the GPU bench's wheels into .whl/ (then: device run `bash pipelines/gpu_bench.sh`, carry .whl)
+	mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(WHEEL_PLATFORMS) -d .whl torchrl==0.14.1 tensordict==0.14.3 orjson==3.13.0
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl \
+		hoptorch==0.1.4 pyvers==0.2.3 hydra-core==1.3.2 omegaconf==2.3.0 \
+		gymnasium==1.4.0 farama-notifications==0.0.6
+	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # sdist only on PyPI

@@ -17,7 +17,9 @@ Options (key=value): rounds=7, warmup=2, compile=false (true adds the whole-upda
 torch.compile: 10+ minutes of compilation on a 2-core CPU), acting_steps=2000, threads=0 (0: torch
 default), out=results/bench.json, memory=true, keep_memory=true (glibc keeps freed memory
 mapped, as training does; it applies to every contender in the process, TorchRL included),
-observe_chunk=4 (filtering steps per compiled graph, as ``compile.observe_chunk``).
+observe_chunk=4 (filtering steps per compiled graph, as ``compile.observe_chunk``),
+devices=auto (cpu, gpu or cpu,gpu; auto: the CPU, and the GPU when one is visible — a GPU
+lease can skip the CPU's minutes with devices=gpu), acting=true (the CPU acting figures).
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ OPTIONS = {
     "memory": True,
     "keep_memory": True,
     "observe_chunk": 4,
+    "devices": "auto",
+    "acting": True,
 }
+DEVICES = ("cpu", "gpu")
 SIZE1M = dict(name="size1m", deter=512, hidden=64, classes=4, units=64, depth=4)
 SIZE12M = dict(name="size12m", deter=2048, hidden=256, classes=16, units=256, depth=16)
 
@@ -64,7 +69,21 @@ def parse_options(argv: list[str]) -> dict:
             opts[key] = value.lower() in ("1", "true", "yes")
         else:
             opts[key] = type(default)(value)
+    opts["devices"] = parse_devices(opts["devices"])
     return opts
+
+
+def parse_devices(value: str) -> list[str]:
+    """``devices=`` → the devices to benchmark, in order; a GPU asked for must exist."""
+    if value == "auto":
+        return ["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"]
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in DEVICES]
+    if bad or not names:
+        raise ConfigError(f"devices={value!r}: valid are auto or a list of {', '.join(DEVICES)}")
+    if "gpu" in names and not torch.cuda.is_available():
+        raise ConfigError(f"devices={value!r} asks for the GPU, but torch sees no CUDA device")
+    return [d for d in DEVICES if d in names]
 
 
 def synthetic_batch(
@@ -132,7 +151,10 @@ def count_flops(agent, batch) -> float:
     return float(counter.get_total_flops())
 
 
-def matmul_gflops(device, n: int = 1024, reps: int = 20, dtype=torch.float32) -> float:
+def matmul_gflops(device, n: int | None = None, reps: int = 20, dtype=torch.float32) -> float:
+    """Best-of-3 GFLOP/s of an n×n×n matmul: n 1024 on the CPU, 8192 on a GPU (a
+    1024 product would measure an H200's launch latency, not its arithmetic)."""
+    n = n or (8192 if torch.device(device).type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
@@ -308,8 +330,20 @@ def bench_device(device: str, opts: dict) -> dict:
         result["update_seconds"]["ours_size12m_pixels"] = statistics.median(
             race({"size12m_pixels": big}, opts["rounds"], opts["warmup"], device)["size12m_pixels"]
         )
-        result["peak_memory_mb"] = {"ours": torch.cuda.max_memory_allocated() / 2**20}
+        contenders["size12m_pixels"] = big
+        result["peak_memory_mb"] = {k: cuda_peak_mb(fn) for k, fn in contenders.items()}
     return result
+
+
+def cuda_peak_mb(fn) -> float:
+    """Peak CUDA memory (MB) allocated during one call of ``fn``, above what was held
+    before it (the process holds every contender's model and batch at once)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def main(argv: list[str]) -> int:
@@ -331,18 +365,17 @@ def main(argv: list[str]) -> int:
         "cpu": None,
         "gpu": None,
     }
-    print("update step, CPU:", flush=True)
-    report["cpu"] = bench_device("cpu", opts)
-    if torch.cuda.is_available():
-        print("update step, GPU:", flush=True)
-        report["gpu"] = bench_device("cuda", opts)
-    print("acting (collector steps/s, DMC walker):", flush=True)
-    report["cpu"]["acting_steps_per_second"] = {
-        "policy": acting_rate(opts["acting_steps"], random=False),
-        "policy_eager": acting_rate(opts["acting_steps"], random=False, compiled=False),
-        "random": acting_rate(opts["acting_steps"], random=True),
-    }
-    if opts["memory"]:
+    for dev in opts["devices"]:
+        print(f"update step, {dev.upper()}:", flush=True)
+        report[dev] = bench_device("cuda" if dev == "gpu" else "cpu", opts)
+    if report["cpu"] and opts["acting"]:
+        print("acting (collector steps/s, DMC walker):", flush=True)
+        report["cpu"]["acting_steps_per_second"] = {
+            "policy": acting_rate(opts["acting_steps"], random=False),
+            "policy_eager": acting_rate(opts["acting_steps"], random=False, compiled=False),
+            "random": acting_rate(opts["acting_steps"], random=True),
+        }
+    if report["cpu"] and opts["memory"]:
         report["cpu"]["peak_memory_mb"] = {k: child_peak_mb(k) for k in ("ours", "torchrl")}
     print_table(report)
     out = ROOT / opts["out"]
