@@ -76,7 +76,10 @@ def test_is_first_mid_sequence_resets(rssm):
         tokens[:, 3:4], torch.zeros_like(action[:, 3:4]), first[:, 3:4], zd.double(), zs.double()
     )
     torch.testing.assert_close(d[:, 3], fresh[:, 0], rtol=0, atol=0)
-    torch.testing.assert_close(post[:, 3], fresh_post[:, 0], rtol=0, atol=0)
+    # The posterior's token half is one matmul over all T steps, so here a [n·T, F] and an
+    # [n, F] product, which the BLAS may round differently in the last bit (seen once, 4e-16,
+    # in a clean-clone run beside two training jobs). A missed reset moves it by > 1e-4.
+    torch.testing.assert_close(post[:, 3], fresh_post[:, 0], rtol=0, atol=1e-12)
 
 
 def test_obs_step_equals_one_observe_step(rssm):
