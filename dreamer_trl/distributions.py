@@ -64,6 +64,27 @@ def sample_probs(probs: Tensor) -> Tensor:
         return onehot(index, probs.shape[-1], probs.dtype)
 
 
+def sample_unimix_classes_first(logits: Tensor, unimix: float) -> Tensor:
+    """One-hot sample [..., S, C] of ``unimix``-mixed categoricals given class-major
+    logits [..., C, S], no gradient: :func:`sample_probs` of :func:`unimix_probs`.
+
+    With the classes on the second-last dim, every reduction over them runs along
+    contiguous rows of S. Compiled, the imagination step's softmax over C = 4 classes
+    innermost loads and stores 4-wide partial vectors (1.07 ms per step, size1m, N=1024).
+    The uniforms [..., 1, S] are the same numbers, in the same order, as
+    :func:`sample_probs` draws for [..., S, 1], so both give the same sample.
+    """
+    with torch.no_grad():
+        classes = logits.shape[-2]
+        e = (logits - logits.amax(-2, keepdim=True)).exp()
+        probs = e / e.sum(-2, keepdim=True)
+        if unimix:
+            probs = (1.0 - unimix) * probs + unimix / classes
+        u = torch.rand(*logits.shape[:-2], 1, logits.shape[-1], device=logits.device)
+        index = (probs.float().cumsum(-2) < u).sum(-2).clamp_(max=classes - 1)
+        return onehot(index, classes, logits.dtype)
+
+
 def sample_onehot(logits: Tensor) -> Tensor:
     """One-hot sample of a categorical given logits or log-probabilities, [..., C]."""
     with torch.no_grad():

@@ -116,8 +116,13 @@ class Actor(nn.Module):
         x = self.out(self.mlp(feat))
         if self.discrete:
             return log_softmax_small(x)
-        mean, std = bounded_normal(*x.chunk(2, -1), self.minstd, self.maxstd)
-        return torch.cat([mean, std], -1)
+        # Both maps over the whole row, then a per-column select: the same values as
+        # squashing each half, but a compiled kernel then runs over contiguous rows of 2A,
+        # where halves of A (6 for walker) compile to scalar loops (about 0.36 against
+        # 0.1 ms per imagination step, size1m, N=1024, 1 thread on a loaded box).
+        mean, std = bounded_normal(x, x, self.minstd, self.maxstd)
+        is_mean = torch.arange(x.shape[-1], device=x.device) < self.action_dim
+        return torch.where(is_mean, mean, std)
 
     def sample(self, params: Tensor) -> Tensor:
         """An action [..., A] (one-hot for discrete), without gradient."""

@@ -13,7 +13,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .distributions import sample_onehot_st, sample_probs, unimix_logits, unimix_probs
+from .distributions import (
+    sample_onehot_st,
+    sample_unimix_classes_first,
+    unimix_logits,
+    unimix_probs,
+)
 from .nets import BlockLinear, HiddenLayer, Linear, block_matmul, make_norm, tanh
 
 
@@ -111,6 +116,15 @@ class RSSM(nn.Module):
         logits = self.prior_logit(self.prior_net(deter))
         return unimix_probs(logits.unflatten(-1, (self.stoch, self.classes)), self.unimix)
 
+    def prior_logits_classes_first(self, deter: Tensor) -> Tensor:
+        """Prior logits [.., C, S] (raw, before unimix): ``prior_logit``'s output rows
+        reordered class-major, so each class's S logits are one contiguous slice."""
+        out, s, c = self.prior_logit, self.stoch, self.classes
+        weight = out.weight.view(s, c, -1).transpose(0, 1).reshape(c * s, -1)
+        bias = out.bias.view(s, c).t().reshape(c * s)
+        x = nn.functional.linear(self.prior_net(deter), weight, bias)
+        return x.unflatten(-1, (c, s))
+
     def _post_from_parts(self, deter: Tensor, token_part: Tensor) -> Tensor:
         """Posterior logits from deter and the token half of the first layer's matmul."""
         first = self.post_net[0]
@@ -185,7 +199,8 @@ class RSSM(nn.Module):
     def img_sample(self, deter: Tensor, stoch: Tensor, action: Tensor, w_shared: Tensor):
         """:meth:`img_step` returning (deter', one-hot prior sample), without the logs."""
         deter = self.core(deter, stoch, self.embed_action(action), w_shared)
-        return deter, sample_probs(self.prior_probs(deter))
+        logits = self.prior_logits_classes_first(deter)
+        return deter, sample_unimix_classes_first(logits, self.unimix)
 
     def imagine(
         self,

@@ -225,3 +225,17 @@ def test_binary_log_prob_soft_target():
         binary_log_prob(logits, targets),
         -F.binary_cross_entropy_with_logits(logits, targets, reduction="none"),
     )
+
+
+def test_sample_unimix_classes_first_matches_sample_probs():
+    from dreamer_trl.distributions import sample_unimix_classes_first, unimix_probs
+
+    torch.manual_seed(3)
+    logits = 3 * torch.randn(50, 6, 4, dtype=torch.float64)  # [N, S, C]
+    torch.manual_seed(5)
+    new = sample_unimix_classes_first(logits.transpose(-1, -2), 0.01)
+    torch.manual_seed(5)
+    old = sample_probs(unimix_probs(logits, 0.01))
+    assert new.shape == (50, 6, 4)
+    assert torch.equal(new, old)
+    assert torch.equal(new.sum(-1), torch.ones(50, 6, dtype=torch.float64))

@@ -260,3 +260,27 @@ def test_posterior_reads_deter_and_tokens(rssm):
     logits = (h @ rssm.post_logit.weight.T + rssm.post_logit.bias).unflatten(-1, (STOCH, CLASSES))
     probs = 0.99 * torch.softmax(logits, -1) + 0.01 / CLASSES
     torch.testing.assert_close(post, probs.log())
+
+
+def test_classes_first_prior_is_the_prior_transposed(rssm):
+    deter, _ = _random_state(7)
+    logits = rssm.prior_logit(rssm.prior_net(deter)).unflatten(-1, (STOCH, CLASSES))
+    torch.testing.assert_close(
+        rssm.prior_logits_classes_first(deter), logits.transpose(-1, -2), rtol=0, atol=1e-12
+    )
+
+
+def test_img_sample_draws_what_sampling_the_prior_draws(rssm):
+    from dreamer_trl.distributions import sample_probs
+
+    deter, stoch = _random_state(300)
+    action = torch.randn(300, ACT, dtype=torch.float64)
+    w = rssm.shared_weight()
+    torch.manual_seed(11)
+    new_deter, sample = rssm.img_sample(deter, stoch, action, w)
+    torch.manual_seed(11)
+    expected = sample_probs(rssm.prior(new_deter).exp())
+    torch.testing.assert_close(new_deter, rssm.core(deter, stoch, rssm.embed_action(action), w))
+    assert torch.equal(sample, expected)
+    # not a constant: the samples cover every class
+    assert (sample.sum((0, 1)) > 0).all()
