@@ -10,8 +10,9 @@ critic + replay value + optimiser) at B16×T64, H15 for
     GFLOP/s measured in the same process;
   * acting: collector env steps/s on DMC walker with our size1m policy vs a random policy.
 Rounds alternate between the contenders so a noisy machine hurts both alike; the median
-round is reported. Peak memory of each is measured in a child process (it is a per-process
-figure). Prints a table and writes results/bench.json.
+round is reported, timed warm (a contender's second update in a row, as training runs them)
+and cold (its first, right after the others ran). Peak memory of each is measured in a
+child process (it is a per-process figure). Prints a table and writes results/bench.json.
 
 Options (key=value): rounds=7, warmup=2, compile=false (true adds the whole-update
 torch.compile: 10+ minutes of compilation on a 2-core CPU), acting_steps=2000, threads=0 (0: torch
@@ -19,7 +20,10 @@ default), out=results/bench.json, memory=true, keep_memory=true (glibc keeps fre
 mapped, as training does; it applies to every contender in the process, TorchRL included),
 observe_chunk=4 (filtering steps per compiled graph, as ``compile.observe_chunk``),
 devices=auto (cpu, gpu or cpu,gpu; auto: the CPU, and the GPU when one is visible — a GPU
-lease can skip the CPU's minutes with devices=gpu), acting=true (the CPU acting figures).
+lease can skip the CPU's minutes with devices=gpu), acting=true (the CPU acting figures),
+rewarm=true (each round also times every contender a second time straight after its
+first, cold call: the headline is that warm figure, the steady state of training's back to
+back updates; the cold one, just after the other contenders ran, is reported beside it).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ OPTIONS = {
     "observe_chunk": 4,
     "devices": "auto",
     "acting": True,
+    "rewarm": True,
 }
 DEVICES = ("cpu", "gpu")
 SIZE1M = dict(name="size1m", deter=512, hidden=64, classes=4, units=64, depth=4)
@@ -181,21 +186,31 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
-def race(contenders: dict, rounds: int, warmup: int, device) -> dict[str, list[float]]:
-    """Alternate the contenders round by round; returns each one's times."""
+def race(
+    contenders: dict, rounds: int, warmup: int, device, rewarm: bool = True
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Alternate the contenders round by round; returns (warm, cold) times per contender.
+
+    Each round times a contender's update right after the other contenders ran (cold:
+    they have evicted its caches and reshaped the heap) and, with ``rewarm``, once more
+    straight after that (warm: the steady state of training, where updates run back to
+    back with only a few acting steps between). Without ``rewarm`` the two are the same.
+    """
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
-    times = {name: [] for name in contenders}
+    warm = {name: [] for name in contenders}
+    cold = {name: [] for name in contenders}
     for r in range(rounds):
         for name, fn in contenders.items():
-            times[name].append(timed(fn, device))
+            cold[name].append(timed(fn, device))
+            warm[name].append(timed(fn, device) if rewarm else cold[name][-1])
         print(
-            f"  round {r + 1}/{rounds}: "
-            + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()),
+            f"  round {r + 1}/{rounds} (warm / cold): "
+            + ", ".join(f"{n} {warm[n][-1]:.3f}/{cold[n][-1]:.3f}s" for n in contenders),
             flush=True,
         )
-    return times
+    return warm, cold
 
 
 def acting_rate(steps: int, random: bool, compiled: bool = True) -> float:
@@ -298,13 +313,14 @@ def bench_device(device: str, opts: dict) -> dict:
         whole = make_ours(SIZE1M, obs, device, compiled="update")[0]
         print(f"  compiled update: first call {timed(whole, device):.1f}s", flush=True)
         contenders["ours_compiled_update"] = whole
-    times = race(contenders, opts["rounds"], opts["warmup"], device)
+    times, cold = race(contenders, opts["rounds"], opts["warmup"], device, opts["rewarm"])
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cold = {k: statistics.median(v) for k, v in cold.items()}
     flops = count_flops(agent, batch)
     mm = matmul_gflops(device)
-    best = min(
-        v for k, v in med.items() if k in ("ours_eager", "ours_compiled", "ours_compiled_update")
-    )
+    ours = ("ours_eager", "ours_compiled", "ours_compiled_update")
+    best = min(v for k, v in med.items() if k in ours)
+    best_cold = min(v for k, v in med_cold.items() if k in ours)
     result = {
         "update_seconds": {
             "ours_eager": med["ours_eager"],
@@ -314,8 +330,11 @@ def bench_device(device: str, opts: dict) -> dict:
             "torchrl": med["torchrl"],
         },
         "update_seconds_all": times,
+        "update_seconds_cold": med_cold,
+        "update_seconds_cold_all": cold,
         "compile_seconds": compile_s,
         "ratio_vs_torchrl": med["torchrl"] / best,
+        "ratio_vs_torchrl_cold": med_cold["torchrl"] / best_cold,
         "ratio_vs_torchrl_fp32": med["torchrl"] / med["ours_fp32"],
         "update_gflop": flops / 1e9,
         "update_gflops": flops / best / 1e9,
@@ -327,8 +346,9 @@ def bench_device(device: str, opts: dict) -> dict:
     if torch.device(device).type == "cuda":
         pix = {"pixels": (3, 64, 64)}
         big, _, _, _ = make_ours(SIZE12M, pix, device)
+        big_times = race({"size12m_pixels": big}, opts["rounds"], opts["warmup"], device)[0]
         result["update_seconds"]["ours_size12m_pixels"] = statistics.median(
-            race({"size12m_pixels": big}, opts["rounds"], opts["warmup"], device)["size12m_pixels"]
+            big_times["size12m_pixels"]
         )
         contenders["size12m_pixels"] = big
         result["peak_memory_mb"] = {k: cuda_peak_mb(fn) for k, fn in contenders.items()}
@@ -399,9 +419,15 @@ def print_table(report: dict) -> None:
         u = r["update_seconds"]
         print(f"\n== {dev} ({report['machine']}, commit {report['commit']}) ==")
         print(f"  glibc keeps freed memory: {report.get('keep_freed_memory')}")
-        rows = [(k, f"{v * 1000:.0f} ms") for k, v in u.items() if v is not None]
+        c = r.get("update_seconds_cold") or {}
+        rows = [
+            (k, f"{v * 1000:.0f} ms" + (f" (cold {c[k] * 1000:.0f} ms)" if k in c else ""))
+            for k, v in u.items()
+            if v is not None
+        ]
         rows += [
             ("ratio torchrl / ours (best default)", f"{r['ratio_vs_torchrl']:.2f}x"),
+            ("ratio, cold updates", f"{r['ratio_vs_torchrl_cold']:.2f}x"),
             ("ratio torchrl / ours (all float32)", f"{r['ratio_vs_torchrl_fp32']:.2f}x"),
             ("update GFLOP", f"{r['update_gflop']:.1f}"),
             ("update GFLOP/s (best)", f"{r['update_gflops']:.1f}"),

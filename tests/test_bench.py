@@ -39,3 +39,24 @@ def test_gpu_without_cuda_is_an_error_not_a_cpu_run():
 
 def test_acting_switch_is_a_bool():
     assert bench.parse_options(["acting=false"])["acting"] is False
+
+
+def test_race_times_each_contender_cold_then_warm():
+    calls = []
+    contenders = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    warm, cold = bench.race(contenders, rounds=3, warmup=1, device="cpu")
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    assert [len(v) for v in (*warm.values(), *cold.values())] == [3, 3, 3, 3]
+
+
+def test_race_without_rewarm_times_each_call_once():
+    calls = []
+    contenders = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    warm, cold = bench.race(contenders, rounds=2, warmup=0, device="cpu", rewarm=False)
+    assert calls == ["a", "b", "a", "b"]
+    assert warm == cold
+
+
+def test_rewarm_switch_is_a_bool():
+    assert bench.parse_options([])["rewarm"] is True
+    assert bench.parse_options(["rewarm=false"])["rewarm"] is False
