@@ -54,6 +54,12 @@ class SlowCritic(nn.Module):
     def predict(self, logits: Tensor) -> Tensor:
         return self.net.predict(logits)
 
+    def folded_logits(self, feat: Tensor) -> Tensor:
+        return self.net.folded_logits(feat)
+
+    def predict_folded(self, logits: Tensor) -> Tensor:
+        return self.net.predict_folded(logits)
+
     @torch.no_grad()
     def update(self, critic: Critic) -> None:
         """One EMA step towards ``critic``."""

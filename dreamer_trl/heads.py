@@ -18,7 +18,15 @@ from .distributions import (
     normal_log_prob,
     sample_onehot,
 )
-from .functional import symexp, symlog, twohot_bins, twohot_decode, twohot_nll
+from .functional import (
+    fold_index,
+    symexp,
+    symlog,
+    twohot_bins,
+    twohot_decode,
+    twohot_decode_folded,
+    twohot_nll,
+)
 from .nets import MLP, Linear
 
 
@@ -45,6 +53,7 @@ class TwoHotHead(nn.Module):
         self.out = Linear(self.mlp.out_features, num_bins, outscale)
         self.symlog_space = bins == "symlog"
         self.register_buffer("bins", twohot_bins(num_bins, bins), persistent=False)
+        self.register_buffer("fold", fold_index(num_bins), persistent=False)
 
     def forward(self, feat: Tensor) -> Tensor:
         """Logits [..., K]."""
@@ -53,6 +62,18 @@ class TwoHotHead(nn.Module):
     def predict(self, logits: Tensor) -> Tensor:
         """Expected value in raw units, [...]."""
         value = twohot_decode(logits, self.bins, symmetric=True)
+        return symexp(value) if self.symlog_space else value
+
+    def folded_logits(self, feat: Tensor) -> Tensor:
+        """:meth:`forward`'s logits in :func:`fold_index` order, for :meth:`predict_folded`
+        (the output layer's rows are gathered, not the [..., K] logits)."""
+        return nn.functional.linear(
+            self.mlp(feat), self.out.weight[self.fold], self.out.bias[self.fold]
+        )
+
+    def predict_folded(self, logits: Tensor) -> Tensor:
+        """:meth:`predict` of :meth:`folded_logits`, [...]."""
+        value = twohot_decode_folded(logits, self.bins)
         return symexp(value) if self.symlog_space else value
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:

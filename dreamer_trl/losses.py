@@ -434,8 +434,8 @@ class DreamerV3Loss(_DreamerLossBase):
 
 def decode(net: torch.nn.Module, head, x: Tensor) -> Tensor:
     """Expected value [M] of two-hot logits ``net(x)`` (``net`` possibly a low-precision
-    copy of ``head``), decoded in float32."""
-    return head.predict(net(x).float())
+    copy of ``head``), decoded in float32 (from logits in fold order: same values)."""
+    return head.predict_folded(net.folded_logits(x).float())
 
 
 def imagined_heads(nets: tuple, heads: tuple, feat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -444,8 +444,8 @@ def imagined_heads(nets: tuple, heads: tuple, feat: Tensor) -> tuple[Tensor, Ten
     (possibly low-precision copies); ``heads`` = (reward, critic) decode them."""
     reward_net, cont_net, critic_net = nets
     reward_head, critic_head = heads
-    reward = reward_head.predict(reward_net(feat).float())
-    value = critic_head.predict(critic_net(feat).float())
+    reward = reward_head.predict_folded(reward_net.folded_logits(feat).float())
+    value = critic_head.predict_folded(critic_net.folded_logits(feat).float())
     return reward, torch.sigmoid(cont_net(feat).float()), value
 
 

@@ -253,3 +253,46 @@ def test_twohot_decode_from_log_probs_equals_from_logits():
         twohot_decode(logp, bins, symmetric=True, logp=True),
         twohot_decode(logits, bins, symmetric=True),
     )
+
+
+@pytest.mark.parametrize("num", [255, 256])
+def test_fold_index_pairs_each_bin_with_its_mirror(num):
+    from dreamer_trl.functional import fold_index
+
+    bins = twohot_bins(num)
+    idx = fold_index(num)
+    assert sorted(idx.tolist()) == list(range(num))  # a permutation
+    half = num // 2
+    folded = bins[idx]
+    # position i of the lower slice holds the mirror of position i of the upper slice
+    assert torch.equal(folded[:half], -folded[num - half :])
+
+
+@pytest.mark.parametrize("num", [255, 256])
+def test_twohot_decode_folded_equals_twohot_decode(num):
+    from dreamer_trl.functional import fold_index, twohot_decode_folded
+
+    torch.manual_seed(1)
+    bins = twohot_bins(num)
+    logits = 3 * torch.randn(9, num, dtype=torch.float64)
+    folded = twohot_decode_folded(logits[..., fold_index(num)], bins.double())
+    torch.testing.assert_close(folded, twohot_decode(logits, bins.double()), rtol=1e-12, atol=1e-6)
+    uniform = twohot_decode_folded(torch.zeros(3, num), bins)
+    assert torch.equal(uniform, torch.zeros(3))
+
+
+@pytest.mark.parametrize("bins", ["symexp", "symlog"])
+def test_twohot_head_folded_prediction_equals_predict(bins):
+    from dreamer_trl.heads import TwoHotHead
+
+    torch.manual_seed(2)
+    head = TwoHotHead(8, 8, 1, outscale=1.0, bins=bins).double()
+    feat = torch.randn(6, 8, dtype=torch.float64)
+    torch.testing.assert_close(
+        head.predict_folded(head.folded_logits(feat)),
+        head.predict(head(feat)),
+        rtol=1e-9,
+        atol=1e-6,
+    )
+    fresh = TwoHotHead(8, 8, 1)  # zero output layer: exactly 0 either way
+    assert torch.equal(fresh.predict_folded(fresh.folded_logits(torch.randn(3, 8))), torch.zeros(3))

@@ -327,7 +327,11 @@ def test_replay_value_loss_formula(agent):
     ret = lambda_return(seq.reward, live, boot, 0.95, last=seq.is_last)
     critic, slow = agent.critic, agent.loss.slow_critic
     logits = critic(feat[:, :-1])
-    slow_pred = slow.predict(slow(feat[:, :-1]))
+    # decoded as the loss decodes it (fold order: the same value, summed in another order,
+    # which moves float32 rounding at these random heads' ~1e7 scale; the two decodes are
+    # pinned against each other in test_functional)
+    slow_pred = slow.predict_folded(slow.folded_logits(feat[:, :-1]))
+    torch.testing.assert_close(slow_pred, slow.predict(slow(feat[:, :-1])), rtol=1e-5, atol=1e-3)
     expected = critic.loss(logits, ret) + critic.loss(logits, slow_pred)
     expected = expected * (1 - seq.is_last[:, :-1].float())
     torch.testing.assert_close(loss, expected)
