@@ -37,6 +37,12 @@ def resolve_run_dir(resume: str, uri: str | None) -> Path:
     return Path(found)
 
 
+def merge_overrides(saved: list[str], new: list[str]) -> list[str]:
+    """``saved`` then ``new``, dropping a saved override whose key ``new`` sets again."""
+    keys = {o.split("=", 1)[0] for o in new}
+    return [o for o in saved if o.split("=", 1)[0] not in keys] + new
+
+
 def main(argv: list[str]) -> int:
     resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
     overrides = [a for a in argv if not a.startswith("resume=")]
@@ -44,7 +50,7 @@ def main(argv: list[str]) -> int:
         probe = compose_config([o for o in overrides if o.startswith("tracking.")])
         run_dir = resolve_run_dir(resume, probe.tracking.uri)
         saved = (run_dir / OVERRIDES_FILE).read_text().split()
-        overrides = saved + overrides
+        overrides = merge_overrides(saved, overrides)
     cfg = compose_config(overrides)
     if not resume:
         stamp = time.strftime("%Y%m%d_%H%M%S")
@@ -60,6 +66,9 @@ def main(argv: list[str]) -> int:
     if resume:  # a refused checkpoint (other model size, corrupt) raises before any write
         trainer.load(run_dir)
         print(f"resumed {run_dir} at env step {trainer.counters['env_steps']}", flush=True)
+        # Kept only once the checkpoint is accepted, so that a later plain resume repeats
+        # them (a longer budget, another thread count) instead of silently dropping them.
+        (run_dir / OVERRIDES_FILE).write_text("\n".join(overrides) + "\n")
     OmegaConf.save(cfg, run_dir / "config.yaml")
     tracker = Tracker(
         cfg.tracking.experiment or cfg.env.name,

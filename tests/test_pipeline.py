@@ -344,8 +344,13 @@ def test_resume_continues_counters_replay_optimizer_and_mlflow_run(
     assert final["updates"] == saved["updates"] + 2  # batches at 80 and 96
     assert final["opt_steps"] == [saved["opt_steps"][0] + 2]
 
-    # The run dir: the saved overrides reused (the tiny model), the new budget applied.
-    assert (run_dir / "overrides.txt").read_text() == overrides
+    # The run dir: the saved overrides reused (the tiny model), the new budget applied and
+    # kept, so that a later plain resume trains to 96 too.
+    assert "train.total_steps=64" in overrides.split()
+    assert (run_dir / "overrides.txt").read_text().split() == [
+        *(o for o in overrides.split() if o != "train.total_steps=64"),
+        "train.total_steps=96",
+    ]
     cfg = OmegaConf.load(run_dir / "config.yaml")
     assert cfg.model.deter == 64 and cfg.train.checkpoint_every == 32
     assert cfg.train.total_steps == 96
@@ -367,6 +372,13 @@ def test_resume_continues_counters_replay_optimizer_and_mlflow_run(
     assert [m.value for m in updates] == [0, 1, 2, 3, 4, 5]
     assert [m.step for m in client.get_metric_history(run_id, "eval/return")] == [64, 96]
     assert run.data.params["train.total_steps"] == "64"  # params are immutable in MLflow
+
+
+def test_resume_override_replaces_the_saved_one_of_the_same_key():
+    saved = ["+bench=cartpole", "seed=0", "train.total_steps=64", "threads=1"]
+    merged = train.merge_overrides(saved, ["threads=2", "train.total_steps=96"])
+    assert merged == ["+bench=cartpole", "seed=0", "threads=2", "train.total_steps=96"]
+    assert train.merge_overrides(saved, []) == saved
 
 
 def test_resume_by_mlflow_run_id_finds_the_run_dir(cartpole_run, workdir, store):
