@@ -43,6 +43,10 @@ def merge_overrides(saved: list[str], new: list[str]) -> list[str]:
     return [o for o in saved if o.split("=", 1)[0] not in keys] + new
 
 
+def save_overrides(run_dir: Path, overrides: list[str]) -> None:
+    (run_dir / OVERRIDES_FILE).write_text("\n".join(overrides) + "\n")
+
+
 def main(argv: list[str]) -> int:
     resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
     overrides = [a for a in argv if not a.startswith("resume=")]
@@ -56,7 +60,7 @@ def main(argv: list[str]) -> int:
         stamp = time.strftime("%Y%m%d_%H%M%S")
         run_dir = Path(cfg.run_dir or f"runs/{cfg.env.name}/{stamp}_seed{cfg.seed}")
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / OVERRIDES_FILE).write_text("\n".join(overrides) + "\n")
+        save_overrides(run_dir, overrides)
 
     from dreamer_trl.tracking import Tracker
     from dreamer_trl.trainer import Trainer, config_params, install_sigterm_as_interrupt
@@ -68,7 +72,7 @@ def main(argv: list[str]) -> int:
         print(f"resumed {run_dir} at env step {trainer.counters['env_steps']}", flush=True)
         # Kept only once the checkpoint is accepted, so that a later plain resume repeats
         # them (a longer budget, another thread count) instead of silently dropping them.
-        (run_dir / OVERRIDES_FILE).write_text("\n".join(overrides) + "\n")
+        save_overrides(run_dir, overrides)
     OmegaConf.save(cfg, run_dir / "config.yaml")
     tracker = Tracker(
         cfg.tracking.experiment or cfg.env.name,
