@@ -6,7 +6,8 @@ Layout of a run directory::
         step_<N>/            one complete checkpoint (N = counters["env_steps"])
             state.pt         torch.save of the training state dict
             meta.json        small human-readable summary
-            replay/          ReplayBuffer.dumps() output (optional)
+            replay/          the replay's dumps() output (optional)
+            manifest.json    size and crc32 of every other file, checked on load
         latest               text file holding the name of the newest complete checkpoint
         .tmp-step_<N>-<pid>  a save in progress (or left behind by a crash)
 
@@ -15,10 +16,16 @@ and only then is the directory renamed into place (``os.replace`` is atomic on P
 ``latest`` pointer is replaced the same way, after the rename. So at any instant a
 ``step_<N>`` directory is complete and ``latest`` names a complete one; a process killed
 mid-save leaves only a ``.tmp-*`` directory, which the next save removes.
+
+Integrity: a load verifies every file against the manifest and refuses a damaged checkpoint
+naming the file (:func:`verified_checkpoint` can fall back to an older one). A save first
+checks the free disk space against its expected size and refuses with one line
+(:class:`DiskFullError`) instead of filling the disk; the previous checkpoint stays latest.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -28,6 +35,7 @@ import re
 import shutil
 import time
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +44,16 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "DiskFullError",
     "capture_rng",
+    "expected_bytes",
     "find_checkpoint",
     "load_checkpoint",
+    "load_replay",
     "restore_rng",
     "save_checkpoint",
+    "verified_checkpoint",
+    "verify_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,6 +63,8 @@ LATEST_FILE = "latest"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 REPLAY_DIR = "replay"
+MANIFEST_FILE = "manifest.json"
+_MARGIN = 16 << 20  # bytes kept free beyond a checkpoint's expected size (pickle overhead, fs)
 _STEP_RE = re.compile(r"^step_(\d+)$")
 # Names of in-progress files/dirs; the trailing number is the writer's pid.
 _TMP_RE = re.compile(r"^\.(?:tmp-step_\d+|old-step_\d+|del-step_\d+|latest\.tmp)-(\d+)$")
@@ -61,6 +76,10 @@ _EXPECTED = (
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or incompatible with the current run."""
+
+
+class DiskFullError(CheckpointError):
+    """Not enough free disk space to write a checkpoint (nothing was published)."""
 
 
 # --------------------------------------------------------------------------- RNG
@@ -108,7 +127,9 @@ def save_checkpoint(
         run_dir: the run's output directory.
         state: picklable dict; must hold ``state["counters"]["env_steps"]``. Conventionally
             also model/optimizer state_dicts, ``rng`` (:func:`capture_rng`) and ``meta``.
-        replay_buffer: a TorchRL replay buffer saved with ``dumps`` into ``replay/``.
+        replay_buffer: anything with ``dumps(dir)`` and ``len()`` (a StepReplay, or a TorchRL
+            replay buffer), saved into ``replay/``; ``nbytes()``, when it has one, sizes
+            the free-space check.
         keep: number of complete checkpoints to keep (the new one included).
 
     Returns:
@@ -124,16 +145,22 @@ def save_checkpoint(
     name = f"step_{step}"
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    needed = expected_bytes(state, replay_buffer)
+    _check_free_space(ckpt_root, name, needed)
     tmp.mkdir()
     try:
         _write_state(tmp / STATE_FILE, state)
         replay_status = _dump_replay(replay_buffer, tmp / REPLAY_DIR)
         _write_json(tmp / META_FILE, _meta_summary(step, state, replay_status))
+        _write_manifest(tmp)
         _fsync_tree(tmp)
         final = _publish(tmp, ckpt_root / name)
-    except BaseException:
+    except BaseException as exc:
         # Best effort: a leftover .tmp dir is harmless (cleaned by the next save).
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            free = shutil.disk_usage(ckpt_root).free
+            raise DiskFullError(_disk_full_message(ckpt_root, name, needed, free)) from None
         raise
     _write_pointer(ckpt_root, name)
     _prune(ckpt_root, keep=keep, current=name)
@@ -148,6 +175,55 @@ def _env_steps(state: dict[str, Any]) -> int:
             "save_checkpoint needs state['counters']['env_steps'] (an int) to name the "
             f"checkpoint: {exc!r}"
         ) from exc
+
+
+def expected_bytes(state: dict[str, Any], replay_buffer: Any | None = None) -> int:
+    """About what :func:`save_checkpoint` writes: the state's tensors and the replay."""
+    total, stack = 0, [state]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            total += item.numel() * item.element_size()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    nbytes = getattr(replay_buffer, "nbytes", None)
+    return total + (int(nbytes()) if callable(nbytes) else 0)
+
+
+def _check_free_space(ckpt_root: Path, name: str, needed: int) -> None:
+    free = shutil.disk_usage(ckpt_root).free
+    if free < needed + _MARGIN:
+        raise DiskFullError(_disk_full_message(ckpt_root, name, needed + _MARGIN, free))
+
+
+def _disk_full_message(ckpt_root: Path, name: str, needed: int, free: int) -> str:
+    latest = _newest_complete(ckpt_root)
+    kept = f"{latest.name} stays the latest" if latest else "no checkpoint was written yet"
+    return (
+        f"disk full: checkpoint {name} needs about {_mb(needed)} in {ckpt_root}, "
+        f"only {_mb(free)} free; {kept}"
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _write_manifest(root: Path) -> None:
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        files[str(path.relative_to(root))] = {"bytes": path.stat().st_size, "crc32": _crc32(path)}
+    _write_json(root / MANIFEST_FILE, {"files": files})
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
 
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:
@@ -327,12 +403,65 @@ def _newest_complete(ckpt_root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def verify_checkpoint(ckpt: Path) -> None:
+    """Check every file of ``ckpt`` against its manifest; CheckpointError names the first
+    missing, resized or changed file. Checkpoints older than manifests pass with a warning."""
+    manifest = ckpt / MANIFEST_FILE
+    if not manifest.is_file():
+        log.warning("checkpoint %s has no %s (written by an older version): not verified",
+                    ckpt, MANIFEST_FILE)
+        return
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: {MANIFEST_FILE} unreadable "
+                              f"({exc})") from None
+    for rel, want in files.items():
+        path = ckpt / rel
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {ckpt} is damaged: {rel} is missing")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(
+                f"checkpoint {ckpt} is damaged: {rel} has {size} bytes, "
+                f"the manifest records {want['bytes']}"
+            )
+        if _crc32(path) != want["crc32"]:
+            raise CheckpointError(
+                f"checkpoint {ckpt} is damaged: {rel} fails its checksum "
+                f"(crc32 {_crc32(path)}, the manifest records {want['crc32']})"
+            )
+
+
+def verified_checkpoint(path_or_run: str | Path, fallback: bool = False) -> Path:
+    """:func:`find_checkpoint`, verified. With ``fallback``, a damaged checkpoint is skipped
+    (with a warning) for the next older complete one in the same directory."""
+    ckpt = find_checkpoint(path_or_run)
+    try:
+        verify_checkpoint(ckpt)
+        return ckpt
+    except CheckpointError as first:
+        if not fallback:
+            raise
+        older = [p for step, p in _complete_checkpoints(ckpt.parent) if p != ckpt]
+        for cand in reversed(older):
+            try:
+                verify_checkpoint(cand)
+            except CheckpointError as exc:
+                log.warning("skipping %s", exc)
+                continue
+            log.warning("%s; falling back to %s", first, cand.name)
+            return cand
+        raise
+
+
 def load_checkpoint(
     path: str | Path,
     *,
     expected_meta: dict[str, Any] | None = None,
     replay_buffer: Any | None = None,
     map_location: str | torch.device = "cpu",
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Load a checkpoint saved by :func:`save_checkpoint`.
 
@@ -342,16 +471,19 @@ def load_checkpoint(
             obs keys, action dim); any difference raises :class:`CheckpointError`.
         replay_buffer: if given, restored in place with ``replay_buffer.loads``.
         map_location: forwarded to ``torch.load``.
+        verify: check the files against the manifest first (:func:`verify_checkpoint`).
 
     Returns:
         The saved state dict.
     """
     ckpt = find_checkpoint(path)
+    if verify:
+        verify_checkpoint(ckpt)
     state = _read_state(ckpt / STATE_FILE, map_location)
     if expected_meta:
         _check_meta(ckpt, state.get("meta", {}), expected_meta)
     if replay_buffer is not None:
-        _load_replay(ckpt, replay_buffer)
+        load_replay(ckpt, replay_buffer)
     return state
 
 
@@ -408,7 +540,8 @@ def _check_meta(ckpt: Path, stored: dict[str, Any], expected: dict[str, Any]) ->
         raise CheckpointError(f"checkpoint {ckpt} does not match this run: " + "; ".join(problems))
 
 
-def _load_replay(ckpt: Path, replay_buffer: Any) -> None:
+def load_replay(ckpt: Path, replay_buffer: Any) -> None:
+    """Restore ``ckpt``'s replay into ``replay_buffer`` (anything with ``loads(dir)``)."""
     replay_dir = ckpt / REPLAY_DIR
     if not replay_dir.is_dir():
         if _replay_status(ckpt) == "empty":
@@ -422,11 +555,12 @@ def _load_replay(ckpt: Path, replay_buffer: Any) -> None:
             f"could not restore the replay buffer from {replay_dir}: {exc} (a LazyMemmapStorage "
             "whose scratch_dir already holds files needs existsok=True or a fresh scratch_dir)"
         ) from exc
-    _restore_last_cursor(replay_buffer)
+    restore_last_cursor(replay_buffer)
 
 
-def _restore_last_cursor(replay_buffer: Any) -> None:
-    """Re-derive the storage's last-write position, which TorchRL 0.14 ``loads`` drops.
+def restore_last_cursor(replay_buffer: Any, force: bool = False) -> None:
+    """Re-derive the storage's last-write position, which TorchRL 0.14 ``loads`` drops
+    (and which a row-by-row restore never sets; ``force`` replaces what that left).
 
     SliceSampler treats that position as a trajectory boundary once the buffer has wrapped;
     without it, done-based slices can join the newest unfinished episode to the oldest data
@@ -438,7 +572,7 @@ def _restore_last_cursor(replay_buffer: Any) -> None:
     if (
         storage is None
         or not isinstance(cursor, int)
-        or getattr(storage, "_last_cursor", 0) is not None  # already known
+        or (getattr(storage, "_last_cursor", 0) is not None and not force)  # already known
         or getattr(storage, "ndim", 1) != 1
         or not hasattr(storage, "_set_last_cursor")
         or len(storage) == 0
@@ -460,7 +594,8 @@ def _refuse_scratch_inside(ckpt: Path, replay_buffer: Any) -> None:
     If that scratch_dir were the checkpoint itself, training would silently rewrite the
     checkpoint and pruning would delete the live buffer's backing files.
     """
-    scratch = getattr(getattr(replay_buffer, "_storage", None), "scratch_dir", None)
+    buffer = getattr(replay_buffer, "buffer", replay_buffer)  # a StepReplay wraps one
+    scratch = getattr(getattr(buffer, "_storage", None), "scratch_dir", None)
     if scratch is None:
         return
     root = ckpt.parent.resolve()

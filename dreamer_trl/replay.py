@@ -10,17 +10,24 @@ Online queue (SPEC.md, Replay; the reference's ``online`` replay): each stream's
 cut into consecutive, non-overlapping sequences as they arrive, and every batch takes
 those fresh sequences first (at most B), filling the rest uniformly. Every step is thus
 trained on at least once soon after it is collected, whatever the buffer's size.
+
+On disk a replay costs what it holds: the memmap scratch files are sparse (only written
+rows take blocks), the acting latents are stored in 16 bits (``latent_dtype``), and
+:meth:`StepReplay.dumps` writes only the filled rows, not the capacity.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections import deque
+from pathlib import Path
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, SliceSampler, TensorDictReplayBuffer
 
+from .checkpoint import restore_last_cursor
 from .sequence import transitions_to_steps
 
 
@@ -35,6 +42,8 @@ class StepReplay:
         storage: ``memmap`` (disk-backed, the default) or ``tensor`` (in memory, e.g. GPU).
         scratch_dir: where the memmap files live (a temp dir if None).
         online: queue fresh sequences ahead of uniform samples (the reference's default).
+        latent_dtype: dtype of the stored acting latents (deter, stoch); float16 halves
+            the bytes per step (deter lies in [-1, 1], stoch is one-hot: both exact to ~5e-4).
     """
 
     def __init__(
@@ -47,7 +56,9 @@ class StepReplay:
         scratch_dir: str | None = None,
         device="cpu",
         online: bool = True,
+        latent_dtype: torch.dtype | str = torch.float16,
     ):
+        self.latent_dtype = _dtype(latent_dtype)
         self.batch_size, self.seq_len, self.obs_keys = batch_size, seq_len, list(obs_keys)
         self.online = online
         # Storage indices of each stream's steps not yet in an online sequence, and the
@@ -87,6 +98,8 @@ class StepReplay:
         n = steps.shape[0]
         steps.set("stream", torch.full((n,), stream, dtype=torch.long))
         steps.set("stream_step", torch.arange(start, start + n))
+        for key in LATENT_KEYS:
+            steps.set(key, steps.get(key).to(self.latent_dtype))
         self.stream_steps[stream] = start + n
         index = self.buffer.extend(steps)
         if self.online:
@@ -135,12 +148,70 @@ class StepReplay:
         index = batch.get("index")[:, 1:].reshape(-1)
         update = TensorDict(
             {
-                "deter": deter.reshape(-1, deter.shape[-1]),
-                "stoch": stoch.reshape(-1, *stoch.shape[-2:]),
+                "deter": deter.reshape(-1, deter.shape[-1]).to(self.latent_dtype),
+                "stoch": stoch.reshape(-1, *stoch.shape[-2:]).to(self.latent_dtype),
             },
             [index.numel()],
         )
         self.buffer.storage.set(index, update.to(self.buffer.storage.device), set_cursor=False)
+
+    # ---- on disk -------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes of the stored steps (what :meth:`dumps` writes, give or take metadata)."""
+        n = len(self.buffer)
+        return n * self.bytes_per_step() if n else 0
+
+    def bytes_per_step(self) -> int:
+        if len(self.buffer) == 0:
+            return 0
+        row = self.buffer.storage._storage[0]
+        return sum(v.numel() * v.element_size() for v in row.values(True, True))
+
+    def dumps(self, path: str | Path) -> None:
+        """Write the filled rows and the writer's position to ``path`` (a new dir)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        n = len(self.buffer)
+        if n:
+            rows = self.buffer.storage._storage[:n]
+            rows.memmap(path / STEPS_DIR, copy_existing=True, num_threads=0)
+        writer = self.buffer._writer.state_dict()
+        info = {
+            "format": DUMP_FORMAT,
+            "rows": n,
+            "capacity": self.capacity,
+            "cursor": int(writer["_cursor"]),
+            "write_count": int(writer.get("_write_count") or 0),
+        }
+        (path / DUMP_INFO).write_text(json.dumps(info, indent=2))
+
+    def loads(self, path: str | Path) -> None:
+        """Restore what :meth:`dumps` wrote into this (empty) replay, or a TorchRL
+        ``ReplayBuffer.dumps`` dir written by older versions (dense at capacity)."""
+        path = Path(path)
+        if not (path / DUMP_INFO).is_file():
+            self.buffer.loads(path)
+            restore_last_cursor(self.buffer)
+            return
+        info = json.loads((path / DUMP_INFO).read_text())
+        if info.get("format") != DUMP_FORMAT:
+            raise ValueError(f"replay dump {path} has format {info.get('format')!r}, "
+                             f"this version reads {DUMP_FORMAT}")
+        if info["capacity"] != self.capacity:
+            raise ValueError(f"replay dump {path} was saved at capacity {info['capacity']}, "
+                             f"this replay has {self.capacity}")
+        n = int(info["rows"])
+        if n:
+            rows = TensorDict.load_memmap(path / STEPS_DIR)
+            if rows.shape[0] != n:
+                raise ValueError(f"replay dump {path} holds {rows.shape[0]} rows, "
+                                 f"its {DUMP_INFO} says {n}")
+            self.buffer.storage.set(torch.arange(n), rows)
+        self.buffer._writer.load_state_dict(
+            {"_cursor": info["cursor"], "_write_count": info["write_count"]}
+        )
+        if n:
+            restore_last_cursor(self.buffer, force=True)
 
     def state_dict(self) -> dict:
         return {
@@ -158,3 +229,19 @@ class StepReplay:
             (int(stream), int(first), list(seq))
             for stream, first, seq in state.get("online_queue", [])
         )
+
+
+LATENT_KEYS = ("deter", "stoch")
+STEPS_DIR = "steps"  # the filled rows, a TensorDict memmap
+DUMP_INFO = "replay.json"
+DUMP_FORMAT = 2  # 1 (unnamed): TorchRL's ReplayBuffer.dumps, the whole capacity
+
+
+def _dtype(name: torch.dtype | str) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    valid = ("float16", "bfloat16", "float32")
+    if name not in valid:
+        raise ValueError(f"replay.latent_dtype={name!r} is invalid; valid: {', '.join(valid)}")
+    return getattr(torch, name)
+

@@ -25,7 +25,17 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
 from .agent import DreamerV3Agent
-from .checkpoint import capture_rng, find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (
+    DiskFullError,
+    capture_rng,
+    expected_bytes,
+    find_checkpoint,
+    load_checkpoint,
+    load_replay,
+    restore_rng,
+    save_checkpoint,
+    verified_checkpoint,
+)
 from .envs import make_env
 from .policy import ActingPolicy
 from .replay import StepReplay
@@ -168,9 +178,29 @@ class Trainer:
         return save_checkpoint(
             self.run_dir,
             self.state(),
-            replay_buffer=self.replay.buffer,
+            replay_buffer=self.replay,
             keep=int(self.cfg.train.keep_checkpoints),
         )
+
+    def check_disk(self) -> None:
+        """Stop (DiskFullError, one line) while the disk still holds the next checkpoint
+        and the replay's growth until then: a sparse memmap that cannot grow kills the
+        process with SIGBUS and no message, and a checkpoint that cannot be written is lost
+        work. The latest checkpoint stays the one to resume from."""
+        t = self.cfg.train
+        steps = max(int(t.checkpoint_every or 0), int(t.log_every))
+        growth = 2 * steps * self.replay.bytes_per_step()  # at most 2 rows per env step
+        need = expected_bytes(self.state(), self.replay) + growth
+        free = shutil.disk_usage(self.run_dir).free
+        if free < need:
+            ckpts = self.run_dir / "checkpoints"
+            latest = find_checkpoint(ckpts).name if (ckpts / "latest").is_file() else "none"
+            raise DiskFullError(
+                f"disk nearly full: {self.run_dir} has {free / 2**20:,.1f} MiB free, the next "
+                f"checkpoint and the replay's growth until then need about "
+                f"{need / 2**20:,.1f} MiB; stopping at env step {self.counters['env_steps']} "
+                f"(latest checkpoint: {latest})"
+            )
 
     def make_replay(self, capacity: int) -> StepReplay:
         cfg, t = self.cfg, self.cfg.train
@@ -183,22 +213,22 @@ class Trainer:
             str(self.scratch),
             cfg.replay.device,
             online=bool(cfg.replay.online),
+            latent_dtype=cfg.replay.get("latent_dtype", "float32"),  # older configs: float32
         )
 
     def load(self, path: str | Path) -> None:
-        ckpt = find_checkpoint(str(path))
-        saved = load_checkpoint(ckpt, expected_meta=self.meta())["replay"]
+        """Continue from a checkpoint (verified first; ``resume_fallback=true`` lets a
+        damaged latest one give way to the previous one)."""
+        ckpt = verified_checkpoint(str(path), fallback=bool(self.cfg.get("resume_fallback")))
+        state = load_checkpoint(
+            ckpt, expected_meta=self.meta(), map_location=self.device, verify=False
+        )
         # The buffer is restored at the size it was saved with (checkpoints written
         # before capacities were recorded used the configured one).
-        capacity = int(saved.get("capacity", self.cfg.replay.capacity))
+        capacity = int(state["replay"].get("capacity", self.cfg.replay.capacity))
         if capacity != self.replay.capacity:
             self.replay = self.make_replay(capacity)
-        state = load_checkpoint(
-            ckpt,
-            expected_meta=self.meta(),
-            replay_buffer=self.replay.buffer,
-            map_location=self.device,
-        )
+        load_replay(ckpt, self.replay)
         self.agent.load_state_dict(state["agent"])
         self.agent.optimizer.load_state_dict(state["optimizer"])
         self.counters.update(state["counters"])
@@ -319,6 +349,7 @@ class Trainer:
                     )
                     if log_due(c["env_steps"]):
                         self._log_interval(tracker, means.pop(), fps, last_return)
+                        self.check_disk()
                     if c["env_steps"] >= t.total_steps:
                         break
                     if eval_due(c["env_steps"]):

@@ -221,16 +221,23 @@ def test_meta_mismatch_names_every_key(tmp_path: Path) -> None:
     assert "obs_keys" not in msg  # tuple vs list of the same names is not a mismatch
 
 
+@pytest.mark.parametrize("verify", [True, False])
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
-def test_corrupt_state_file(tmp_path: Path, damage: str) -> None:
+def test_corrupt_state_file(tmp_path: Path, damage: str, verify: bool) -> None:
+    """The manifest check names the damaged file; without it, torch.load's failure does."""
     ckpt = save_checkpoint(tmp_path, make_state(10))
     path = ckpt / "state.pt"
     data = path.read_bytes()
     payload = {"truncate": data[: len(data) // 2], "garbage": b"\x00junk" * 100, "empty": b""}
     path.write_bytes(payload[damage])
-    with pytest.raises(CheckpointError, match="is corrupt or truncated") as info:
-        load_checkpoint(tmp_path)
-    assert str(path) in str(info.value)
+    if verify:
+        with pytest.raises(CheckpointError, match="is damaged: state.pt ") as info:
+            load_checkpoint(tmp_path)
+        assert str(ckpt) in str(info.value)
+    else:
+        with pytest.raises(CheckpointError, match="is corrupt or truncated") as info:
+            load_checkpoint(tmp_path, verify=False)
+        assert str(path) in str(info.value)
 
 
 # --------------------------------------------------------------------------- replay buffer
