@@ -16,6 +16,7 @@ from .compiling import compile_fn
 from .heads import Actor
 from .losses import DreamerV3Loss, total_loss
 from .optim import LaProp
+from .precision import resolve_dtype
 from .world_model import ObsSpace, WorldModel
 
 # Observation keys the agent reads when the config names none.
@@ -133,7 +134,7 @@ class DreamerV3Agent(nn.Module):
             actor_grad=self._actor_grad(algo.get("actor_grad", "reinforce"), discrete),
             retnorm_rate=retnorm.get("rate", 0.01),
             retnorm_limit=retnorm.get("limit", 1.0),
-            imag_dtype=algo.get("imag_dtype", "bfloat16"),
+            imag_dtype=resolve_dtype(algo.get("imag_dtype", "auto")),  # auto: for the CPU
         )
         self.loss.set_keys(observations=tuple(obs_space.keys))
         self.optimizer = make_optimizer(self, algo.get("optim", {}))

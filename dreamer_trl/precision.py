@@ -22,6 +22,26 @@ from torch import nn
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` computes bf16 matmuls in hardware. A CPU without AVX512-BF16 or
+    AMX emulates them: the default update ran 6x slower there in bf16 than in float32
+    (11 s vs 1.8 s, size1m, 1 thread, AVX2-only AMD EPYC; docs/results.md)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> str:
+    """``auto`` → ``bfloat16`` (the reference's compute dtype) where ``device`` has bf16
+    units, else ``float32``; other names pass through (and are checked by Precision)."""
+    if name != "auto":
+        return name
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
 class Precision:
     """Owns the low-precision module copies. Not an ``nn.Module``: the copies are no part
     of the agent's parameters or state dict."""

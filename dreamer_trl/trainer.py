@@ -38,6 +38,7 @@ from .checkpoint import (
 )
 from .envs import make_env
 from .policy import ActingPolicy
+from .precision import resolve_dtype
 from .replay import StepReplay
 from .report import open_loop_video
 from .runtime import keep_freed_memory
@@ -52,8 +53,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_agent(cfg: DictConfig, env: EnvBase, device: torch.device) -> DreamerV3Agent:
+    algo = OmegaConf.to_container(cfg.algo, resolve=True)
+    if algo.get("imag_dtype", "auto") == "auto":
+        algo["imag_dtype"] = resolve_dtype("auto", device)
+        print(f"algo.imag_dtype=auto: {algo['imag_dtype']} on {device} "
+              f"({'native' if algo['imag_dtype'] == 'bfloat16' else 'no'} bf16 units)", flush=True)
     agent = DreamerV3Agent.from_specs(
-        env.observation_spec, env.action_spec, cfg.model, cfg.algo, cfg.env.get("obs_keys")
+        env.observation_spec, env.action_spec, cfg.model, algo, cfg.env.get("obs_keys")
     )
     return agent.to(device)
 

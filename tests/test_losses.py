@@ -583,3 +583,15 @@ def test_bfloat16_imagination_update_trains_every_module_in_float32():
 def test_unknown_imag_dtype_rejected():
     with pytest.raises(ValueError, match="imag_dtype 'float16' unknown; valid: float32, bfloat16"):
         make_agent({"imag_dtype": "float16"})
+
+
+def test_auto_imag_dtype_follows_the_device_bf16_units():
+    """auto picks bf16 only where the hardware has it: emulated bf16 was 6x slower (CPU)."""
+    from dreamer_trl.precision import native_bf16, resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == ("bfloat16" if native_bf16("cpu") else "float32")
+    assert native_bf16("cpu") == (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    )
+    assert resolve_dtype("float32", "cpu") == "float32"
+    assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
