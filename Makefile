@@ -23,8 +23,12 @@ test-slow:  ## slow tests only: learning checks and full pipeline smoke runs
 lint:
 	$(PY) -m ruff check .
 
-train:  ## make train ENV=dmc_walker ARGS="seed=1 model=size12m"
-	$(PY) pipelines/train.py env=$(ENV) $(ARGS)
+# A resume takes its env from the run's saved overrides: env= is passed only for a new run,
+# or when ENV is given explicitly (then train.py refuses a mismatch with the checkpoint).
+ENV_ARG = $(if $(and $(findstring resume=,$(ARGS)),$(filter file,$(origin ENV))),,env=$(ENV))
+
+train:  ## make train ENV=dmc_walker ARGS="seed=1 model=size12m"; make train ARGS="resume=<dir>"
+	$(PY) pipelines/train.py $(ENV_ARG) $(ARGS)
 
 eval:   ## make eval CKPT=<checkpoint path, run dir or MLflow run id>
 	$(PY) pipelines/evaluate.py ckpt=$(CKPT) $(ARGS)

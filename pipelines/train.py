@@ -6,6 +6,7 @@ A run lives in ``run_dir`` (config, checkpoints, replay) and in one MLflow run.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,16 @@ def save_overrides(run_dir: Path, overrides: list[str]) -> None:
     (run_dir / OVERRIDES_FILE).write_text("\n".join(overrides) + "\n")
 
 
+def name_after_task(overrides: list[str]) -> list[str]:
+    """``env.task=Acrobot-v1`` on the cartpole config names the run dir, the experiment and
+    the plots after the task (``acrobot_v1``), not after the config; ``env.name=`` wins."""
+    keys = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+    task = next((o.split("=", 1)[1] for o in overrides if o.startswith("env.task=")), None)
+    if task is None or "env.name" in keys:
+        return overrides
+    return [*overrides, f"env.name={re.sub(r'[^0-9a-z]+', '_', task.lower()).strip('_')}"]
+
+
 def main(argv: list[str]) -> int:
     resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
     overrides = [a for a in argv if not a.startswith("resume=")]
@@ -55,7 +66,7 @@ def main(argv: list[str]) -> int:
         run_dir = resolve_run_dir(resume, probe.tracking.uri)
         saved = (run_dir / OVERRIDES_FILE).read_text().split()
         overrides = merge_overrides(saved, overrides)
-    cfg = compose_config(overrides)
+    cfg = compose_config(name_after_task(overrides))
     if not resume:
         stamp = time.strftime("%Y%m%d_%H%M%S")
         run_dir = Path(cfg.run_dir or f"runs/{cfg.env.name}/{stamp}_seed{cfg.seed}")

@@ -579,6 +579,29 @@ def test_make_train_runs_the_pipeline():
     assert dry_run("train", "ENV=pendulum", "ARGS=seed=1 model=size12m") == [
         [".venv/bin/python", "pipelines/train.py", "env=pendulum", "seed=1", "model=size12m"]
     ]
+    # A resume's env comes from the run's saved overrides, unless ENV is given explicitly.
+    assert dry_run("train", "ARGS=resume=runs/x") == [
+        [".venv/bin/python", "pipelines/train.py", "resume=runs/x"]
+    ]
+    assert dry_run("train", "ENV=cartpole", "ARGS=resume=runs/x") == [
+        [".venv/bin/python", "pipelines/train.py", "env=cartpole", "resume=runs/x"]
+    ]
+    assert dry_run("train") == [[".venv/bin/python", "pipelines/train.py", "env=dmc_walker"]]
+
+
+def test_make_train_resumes_a_cartpole_run(workdir, capsys):
+    """`make train ARGS="resume=<dir>"` (the README's command) works for a non-walker run."""
+    run_dir = workdir / "run"
+    code, _ = run_train(capsys, tiny("cartpole", f"run_dir={run_dir}"))
+    assert code == 0
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "-C", str(ROOT), f"PY={sys.executable}", "train",
+         f"ARGS=resume={run_dir} train.total_steps=96"],
+        capture_output=True, text=True, timeout=300, env={**os.environ},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resumed {run_dir} at env step 64" in proc.stdout
+    assert load_checkpoint(run_dir)["counters"]["env_steps"] == 96
 
 
 def test_multi_async_collector_trains(workdir, capsys):
@@ -598,3 +621,12 @@ def test_multi_async_collector_trains(workdir, capsys):
     state = torch.load(run_dir / "checkpoints" / "step_96" / "state.pt", weights_only=False)
     assert state["counters"]["env_steps"] == 96 and state["counters"]["updates"] > 0
     assert set(state["replay"]["stream_steps"]) == {0, 1}  # one step stream per worker env
+
+
+def test_a_task_override_names_the_run_after_the_task():
+    assert train.name_after_task(["env=cartpole", "env.task=Acrobot-v1"]) == [
+        "env=cartpole", "env.task=Acrobot-v1", "env.name=acrobot_v1"
+    ]
+    kept = ["env=cartpole", "env.task=Acrobot-v1", "env.name=mine"]
+    assert train.name_after_task(kept) == kept
+    assert train.name_after_task(["env=cartpole"]) == ["env=cartpole"]
