@@ -67,6 +67,11 @@ class StepReplay:
         self._pending: dict[int, list[int]] = {}
         self.queue: deque[tuple[int, int, list[int]]] = deque()
         self.capacity = int(capacity)
+        if storage == "memmap" and torch.device(device).type != "cpu":
+            raise ValueError(
+                f"replay.device={device} needs replay.storage=tensor: a memmap storage lives "
+                "in host memory (valid with memmap: replay.device=cpu)"
+            )
         if storage == "memmap":
             store = LazyMemmapStorage(
                 int(capacity), scratch_dir=scratch_dir or tempfile.mkdtemp(), device=device

@@ -49,7 +49,13 @@ from .transforms import IncomingReward
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={name} but torch {torch.__version__} sees no CUDA device; valid here: "
+            "device=cpu or device=auto"
+        )
+    return device
 
 
 def make_agent(cfg: DictConfig, env: EnvBase, device: torch.device) -> DreamerV3Agent:

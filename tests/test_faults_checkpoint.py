@@ -264,3 +264,16 @@ def test_run_stops_with_one_line_before_the_disk_fills(tmp_path, monkeypatch, ca
     assert "stopping at env step 48 (latest checkpoint: step_32)" in err[0]
     monkeypatch.setattr(shutil, "disk_usage", real)
     assert load_checkpoint(run)["counters"]["env_steps"] == 32
+
+
+def test_a_device_replay_needs_tensor_storage(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="replay.device=cuda needs replay.storage=tensor"):
+        make_replay(tmp_path / "s", storage="memmap", device="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only torch's message")
+def test_cuda_on_a_cpu_only_torch_is_one_line() -> None:
+    from dreamer_trl.trainer import resolve_device
+
+    with pytest.raises(ValueError, match="device=cuda but torch .* sees no CUDA device"):
+        resolve_device("cuda")
