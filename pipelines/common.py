@@ -51,7 +51,18 @@ def _valid_keys(cfg: DictConfig, dotted: str) -> str:
 
 
 def compose_config(overrides: list[str], config_name: str = "config") -> DictConfig:
-    """Compose conf/<config_name>.yaml with ``overrides``; raise ConfigError on bad input."""
+    """Compose conf/<config_name>.yaml with ``overrides`` and validate every value against
+    pipelines/config_schema.py; raise ConfigError (one line) on bad input. Every entry point
+    composes through here, before it creates a run dir, an MLflow run or replay files."""
+    # Imported here: config_schema imports ConfigError from this module.
+    from pipelines.config_schema import validate
+
+    cfg = _compose(overrides, config_name)
+    validate(cfg)
+    return cfg
+
+
+def _compose(overrides: list[str], config_name: str) -> DictConfig:
     _check_group_choices(overrides)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         try:
@@ -81,11 +92,18 @@ def _first_bad_key(cfg: DictConfig, overrides: list[str]) -> str | None:
 
 def run_cli(main, argv: list[str] | None = None) -> int:
     """Call ``main(overrides)``; bad input (config, checkpoint, env spec) exits 2 with one line."""
-    from dreamer_trl.checkpoint import CheckpointError
-
     argv = sys.argv[1:] if argv is None else argv
     try:
         return main(argv) or 0
-    except (ConfigError, CheckpointError, ValueError) as err:
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        # CheckpointError is a RuntimeError. Not imported up front: dreamer_trl imports
+        # torch (~10 s on a busy box), which a bad config value need not wait for; an error
+        # raised by that module means it is loaded already.
+        ckpt = sys.modules.get("dreamer_trl.checkpoint")
+        if ckpt is None or not isinstance(err, ckpt.CheckpointError):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
