@@ -8,16 +8,17 @@ from collections.abc import Mapping
 
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torch import nn
+from torch import Tensor, nn
 from torchrl.data import Bounded, Categorical, Composite, OneHot, Unbounded
 
 from .actor_critic import Critic
 from .compiling import compile_fn
+from .guard import NonFiniteGuard
 from .heads import Actor
 from .losses import DreamerV3Loss, total_loss
-from .optim import LaProp
+from .optim import LaProp, zero_unless
 from .precision import resolve_dtype
-from .world_model import ObsSpace, WorldModel
+from .world_model import IntVector, ObsSpace, WorldModel
 
 # Observation keys the agent reads when the config names none.
 DEFAULT_OBS_KEYS = ("observation", "pixels")
@@ -26,7 +27,8 @@ DEFAULT_OBS_KEYS = ("observation", "pixels")
 def obs_space_from_spec(spec: Composite, keys: list[str] | None = None) -> ObsSpace:
     """Pick the agent's inputs from an env's observation spec.
 
-    Vectors: float 1-D entries. Images: uint8 [C, H, W]. Anything else raises.
+    Vectors: float 1-D entries. Integer vectors: integer 1-D entries with bounded specs
+    (`IntVector.from_spec`). Images: uint8 [C, H, W]. Anything else raises.
     """
     keys = list(keys) if keys else [k for k in DEFAULT_OBS_KEYS if k in spec.keys()]
     if not keys:
@@ -34,7 +36,7 @@ def obs_space_from_spec(spec: Composite, keys: list[str] | None = None) -> ObsSp
             f"no observation key the agent can read: the env has {sorted(spec.keys())}; "
             f"name them with obs_keys=[...] (supported: float vectors [F], uint8 images [C,H,W])"
         )
-    vectors, images = {}, {}
+    vectors, images, integers = {}, {}, {}
     for key in keys:
         if key not in spec.keys():
             raise ValueError(f"observation key {key!r} not in the env spec {sorted(spec.keys())}")
@@ -44,12 +46,15 @@ def obs_space_from_spec(spec: Composite, keys: list[str] | None = None) -> ObsSp
             images[key] = tuple(int(s) for s in event)
         elif dtype.is_floating_point and len(event) == 1:
             vectors[key] = int(event[0])
+        elif len(event) == 1:  # integer (or bool) vector: one-hot in, categorical out
+            integers[key] = IntVector.from_spec(leaf, key)
         else:
             raise ValueError(
                 f"observation {key!r} has unsupported spec (dtype {dtype}, shape {event}); "
-                "supported: float vectors [F] and uint8 images [C, H, W] with C in 1, 3, 4"
+                "supported: float vectors [F], bounded integer vectors [F] and uint8 images "
+                "[C, H, W] with C in 1, 3, 4"
             )
-    return ObsSpace(vectors, images)
+    return ObsSpace(vectors, images, integers)
 
 
 def action_info(spec) -> tuple[int, bool]:
@@ -72,7 +77,9 @@ class DreamerV3Agent(nn.Module):
 
     ``update(batch)`` runs one training step on a replay batch of steps [B, T+1] and
     returns the loss TensorDict (detached), whose ``deter``/``stoch`` [B, T] refresh
-    the replay context.
+    the replay context. ``guard`` records, on device, any update whose losses or gradients
+    were not finite (read it with ``guard.read()``: a host sync); such an update is skipped
+    (zero gradients, the return normaliser put back).
     """
 
     def __init__(
@@ -139,6 +146,7 @@ class DreamerV3Agent(nn.Module):
         self.loss.set_keys(observations=tuple(obs_space.keys))
         self.optimizer = make_optimizer(self, algo.get("optim", {}))
         self._loss_fn = self._loss_and_grads
+        self.guard = NonFiniteGuard()  # not a module/buffer: stays out of the state_dict
 
     @staticmethod
     def _actor_grad(setting: str, discrete: bool) -> str:
@@ -185,10 +193,23 @@ class DreamerV3Agent(nn.Module):
 
     def update(self, batch: TensorDictBase) -> TensorDict:
         self.optimizer.zero_grad(set_to_none=True)
+        before = [x.clone() for x in self._forward_state()]
         out = self._loss_fn(batch)
-        self.optimizer.step()
+        # Finiteness stays on device (no sync per update); the trainer reads the guard at
+        # log time and before a checkpoint save. A non-finite update is skipped: the
+        # optimiser steps with zero gradients and the forward's state is put back.
+        losses_ok = self.guard.loss_flags(out)
+        self.optimizer.step(finite=losses_ok.all())
+        ok = self.guard.record(losses_ok, getattr(self.optimizer, "last_grads_finite", None))
+        for x, old in zip(self._forward_state(), before):
+            torch.where(ok, x, old, out=x)
         self.loss.slow_critic.update(self.critic)
         return out.detach()
+
+    def _forward_state(self) -> list[Tensor]:
+        """The buffers the loss's forward itself updates: the return normaliser's EMAs."""
+        norm = self.loss.actor_loss.return_norm
+        return [norm.low, norm.high]
 
 
 def make_optimizer(agent: DreamerV3Agent, cfg: Mapping) -> torch.optim.Optimizer:
@@ -239,9 +260,17 @@ class ClippedAdam(torch.optim.Adam):
         super().__init__(groups, foreach=True)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, finite: Tensor | None = None):
+        """Clip, then Adam; as LaProp, a non-finite update (its clip norms, or ``finite``)
+        steps with zero gradients, selected on device, and sets ``last_grads_finite``."""
+        norms, grads = [], []
         for group in self.param_groups:
-            grads = [p for p in group["params"] if p.grad is not None]
-            if grads:
-                nn.utils.clip_grad_norm_(grads, group["clip"], foreach=True)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                norms.append(nn.utils.clip_grad_norm_(params, group["clip"], foreach=True))
+                grads += [p.grad for p in params]
+        if norms:
+            self.last_grads_finite: Tensor = torch.isfinite(torch.stack(norms)).all()
+            ok = self.last_grads_finite if finite is None else self.last_grads_finite & finite
+            zero_unless(ok, grads)
         return super().step(closure)

@@ -5,6 +5,10 @@ expects, whatever the suite:
 
 - ``"observation"``: float32 [D] vector (gym Box obs flattened; DMC entries concatenated in
   sorted key order), and/or ``"pixels"``: uint8 [C, H, W] (C=3, or 1 for gray Atari).
+  Integer gym observations (Discrete, MultiDiscrete, MultiBinary, a Tuple of Discrete, an
+  integer or bool Box of at most ``MAX_INT_CLASSES`` values per element) stay integers:
+  ``"observation"`` is then int64 [D] with a ``Bounded`` spec holding each element's
+  inclusive bounds, which the agent one-hot encodes (as the reference does).
 - ``"action"``: continuous → ``Bounded`` [-1, 1] float32 [A] (mapped linearly onto the true
   bounds, out-of-range values clipped first); discrete → float32 ``OneHot`` [n].
 - ``"reward"`` float32 [1]; ``"terminated"``, ``"truncated"``, ``"done"`` kept apart: time limits
@@ -12,8 +16,9 @@ expects, whatever the suite:
 - With ``render=True`` only: ``"render"``, uint8 [3, S, S] (S = ``render_size``), the current
   frame as a person would watch it, for eval videos. The agent never reads it.
 
-Suites: ``gym`` (gymnasium ids), ``dmc`` (``domain-task``, e.g. ``ball_in_cup-catch``) and
-``atari`` (ALE game ids such as ``pong``, preprocessed the way DreamerV3's Atari100k runs are).
+Suites: ``gym`` (gymnasium ids), ``dmc`` (``domain-task``, e.g. ``ball_in_cup-catch``),
+``atari`` (ALE game ids such as ``pong``, preprocessed the way DreamerV3's Atari100k runs are)
+and ``crafter`` (task ``reward`` or ``noreward``; needs the optional ``crafter`` package).
 """
 
 from __future__ import annotations
@@ -51,10 +56,12 @@ from torchrl.envs import (
     TransformedEnv,
 )
 
+from .world_model import MAX_INT_CLASSES
+
 # dm_control picks its GL backend at import time; default to headless EGL unless the user chose.
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-SUITES = ("gym", "dmc", "atari")
+SUITES = ("gym", "dmc", "atari", "crafter")
 
 DEFAULTS: dict[str, Any] = {
     "from_pixels": False,
@@ -71,7 +78,15 @@ DEFAULTS: dict[str, Any] = {
 ATARI_MAX_FRAMES = 108_000
 # The reference renders quadruped from camera 2; every other DMC domain from camera 0.
 DMC_CAMERAS = {"quadruped": 2}
-SUPPORTED_SPACES = "Box vectors, uint8 HxWxC images, Discrete or Box actions"
+SUPPORTED_SPACES = (
+    "Box vectors, integer observations (Discrete, MultiDiscrete, MultiBinary, Tuple of "
+    "Discrete, integer Box), uint8 HxWxC images, Discrete or Box actions"
+)
+# Widest one-hot of an integer observation (all its elements together): Atari RAM (128 bytes,
+# 32768) fits; a 2-D uint8 array of 64x64 (1M) would not, and stays a float vector.
+MAX_INT_WIDTH = 2**16
+# Crafter's tasks, as in the reference: the achievement and health rewards, or reward 0.
+CRAFTER_TASKS = ("reward", "noreward")
 
 
 def make_env(
@@ -92,7 +107,12 @@ def make_env(
     """
     opts = _options(cfg)
     opts["render"] = bool(render)
-    builders = {"gym": _build_gym, "dmc": _build_dmc, "atari": _build_atari}
+    builders = {
+        "gym": _build_gym,
+        "dmc": _build_dmc,
+        "atari": _build_atari,
+        "crafter": _build_crafter,
+    }
     base, transforms = builders[opts["suite"]](opts, seed, torch.device(device))
     env = TransformedEnv(base)
     for transform in [*transforms, *_episode_transforms(opts)]:
@@ -133,6 +153,8 @@ def _build_gym(
     env = _make_gym(task, opts["render"])
     try:
         obs_kind = _check_gym_spaces(env, task)
+        if obs_kind == "integer":
+            env = IntegerObservation(env)
         if opts["from_pixels"] and obs_kind != "image":
             raise ValueError(
                 f"from_pixels=True needs a gym env with image observations; {task!r} gives "
@@ -145,6 +167,8 @@ def _build_gym(
     base = GymWrapper(env, frame_skip=int(opts["action_repeat"]), device=device)
     if obs_kind == "image":
         obs = _image_transforms(base, opts)
+    elif obs_kind == "integer":
+        obs = []  # already a flat int64 vector with its bounds in the spec
     else:
         obs = _vector_transforms(env.observation_space)
     return base, [DoubleToFloat(), *obs, *render, *_action_transforms(env.action_space)]
@@ -206,22 +230,75 @@ def _check_gym_id(task: str) -> None:
 
 
 def _check_gym_spaces(env: gym.Env, task: str) -> str:
-    """Return "vector" or "image" for the observation space; raise on unsupported spaces."""
+    """Return "vector", "integer" or "image" for the observation space; raise on unsupported
+    spaces."""
     obs_space, act_space = env.observation_space, env.action_space
     if not _supported_action_space(act_space):
         raise ValueError(
             f"unsupported action space {act_space} in {task!r}; supported: {SUPPORTED_SPACES} "
             "(Box actions 1-D with finite bounds)"
         )
-    if isinstance(obs_space, gym.spaces.Box):
-        if _is_image(obs_space):
-            return "image"
-        if len(obs_space.shape) in (1, 2):
-            return "vector"
+    if isinstance(obs_space, gym.spaces.Box) and _is_image(obs_space):
+        return "image"
+    if integer_bounds(obs_space) is not None:
+        return "integer"
+    if isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) in (1, 2):
+        return "vector"
     raise ValueError(
         f"unsupported observation space {obs_space} in {task!r}; supported: {SUPPORTED_SPACES} "
-        "(Box vectors 1-D or 2-D, images with C = 1 or 3)"
+        "(Box vectors 1-D or 2-D, images with C = 1 or 3, a Tuple only of Discrete spaces)"
     )
+
+
+def integer_bounds(space: gym.spaces.Space) -> tuple[np.ndarray, np.ndarray] | None:
+    """Inclusive (low, high) int64 bounds per element of the flattened observation, for a
+    space the agent takes as integers; None for any other space.
+
+    An integer Box wider than ``MAX_INT_CLASSES`` values per element (or ``MAX_INT_WIDTH`` in
+    all) is None too: its one-hot would be too wide to learn from, so it stays a float vector
+    (symlog inputs, MSE decoding), as integer Boxes were before integer observations.
+    """
+    if isinstance(space, gym.spaces.Discrete):
+        low = np.array([space.start])
+        return low, low + space.n - 1
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        low = np.asarray(space.start).reshape(-1)
+        return low, low + np.asarray(space.nvec).reshape(-1) - 1
+    if isinstance(space, gym.spaces.MultiBinary):
+        size = int(np.prod(space.n))
+        return np.zeros(size, np.int64), np.ones(size, np.int64)
+    if isinstance(space, gym.spaces.Tuple) and space.spaces:
+        # Blackjack-v1: Tuple(Discrete(32), Discrete(11), Discrete(2)) → one vector of 3.
+        if not all(isinstance(s, gym.spaces.Discrete) for s in space.spaces):
+            return None
+        parts = [integer_bounds(s) for s in space.spaces]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    is_int = np.issubdtype(space.dtype, np.integer) or space.dtype == np.bool_
+    if isinstance(space, gym.spaces.Box) and is_int and len(space.shape) in (1, 2):
+        # float64 arithmetic: an int64 Box over its whole range would overflow.
+        low, high = space.low.reshape(-1), space.high.reshape(-1)
+        classes = high.astype(np.float64) - low.astype(np.float64) + 1
+        if classes.max() <= MAX_INT_CLASSES and classes.sum() <= MAX_INT_WIDTH:
+            return low.astype(np.int64), high.astype(np.int64)
+    return None
+
+
+class IntegerObservation(gym.ObservationWrapper):
+    """An integer observation space (see `integer_bounds`) as one flat int64 Box [D] with its
+    inclusive bounds: GymWrapper then gives a ``Bounded`` int64 spec, from which the agent
+    reads each element's classes. Why not GymWrapper's own mapping: it makes a Discrete
+    observation a one-hot and a Tuple a stacked spec the agent cannot read."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        bounds = integer_bounds(env.observation_space)
+        if bounds is None:
+            raise ValueError(f"{env.observation_space} is no integer observation space")
+        low, high = bounds
+        self.observation_space = gym.spaces.Box(low, high, low.shape, np.int64)
+
+    def observation(self, observation: Any) -> np.ndarray:
+        return np.asarray(observation, dtype=np.int64).reshape(-1)
 
 
 def _supported_action_space(space: gym.spaces.Space) -> bool:
@@ -253,7 +330,12 @@ def _vector_transforms(space: gym.spaces.Box) -> list[Transform]:
 def _action_transforms(space: gym.spaces.Space) -> list[Transform]:
     if isinstance(space, gym.spaces.Discrete):
         # GymWrapper gives int64 one-hots; the actor emits float one-hots (straight-through).
-        return [DTypeCastTransform(torch.int64, torch.float32, in_keys_inv=["action"])]
+        # in_keys=[]: with none given the cast takes every int64 observation too (integer
+        # observations must stay integers).
+        cast = DTypeCastTransform(
+            torch.int64, torch.float32, in_keys=[], out_keys=[], in_keys_inv=["action"]
+        )
+        return [cast]
     return _continuous_action_transforms()
 
 
@@ -447,6 +529,84 @@ class RenderPixels(RenderFrame):
         render = functools.partial(physics.render, size, size, camera_id=camera_id)
         super().__init__(render, size, out_key)
         self.camera_id = camera_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Crafter
+
+
+def _build_crafter(
+    opts: dict[str, Any], seed: int | None, device: torch.device
+) -> tuple[EnvBase, list[Transform]]:
+    task = opts["task"]
+    if task not in CRAFTER_TASKS:
+        raise ValueError(
+            f"unknown crafter task {task!r}; valid tasks: reward (achievement and health "
+            "rewards), noreward (reward always 0)"
+        )
+    env = CrafterEnv(
+        reward=task == "reward", size=int(opts["image_size"]), render_size=opts["render_size"]
+    )
+    base = GymWrapper(env, frame_skip=int(opts["action_repeat"]), device=device)
+    # Crafter draws the frame for any size: the eval video is rendered at render_size, not
+    # upscaled from the agent's 64x64.
+    render = [RenderFrame(env.render, opts["render_size"])] if opts["render"] else []
+    obs = _image_transforms(base, opts)
+    return base, [*obs, *render, *_action_transforms(env.action_space)]
+
+
+class CrafterEnv(gym.Env):
+    """Crafter (Hafner 2021) with the gymnasium API, as the reference runs it: 64x64 RGB
+    frames, 17 discrete actions, episodes of at most 10000 steps.
+
+    Crafter has the old gym API (``reset() -> obs``, ``step() -> obs, reward, done, info``)
+    and one ``done`` for two ends: death, where its ``info["discount"]`` is 0 (termination,
+    as the reference's ``is_terminal``), and its step limit (``length``), where the discount
+    stays 1 (truncation). ``reset(seed=...)`` builds a new crafter world generator with that
+    seed; crafter derives each episode's world from (seed, episode number).
+    """
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(
+        self,
+        reward: bool = True,
+        size: int = 64,
+        length: int = 10000,
+        render_size: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        try:
+            import crafter
+        except ImportError:
+            raise ValueError(
+                "env suite 'crafter' needs the crafter package: pip install -e '.[crafter]'"
+            ) from None
+        self._make = functools.partial(
+            crafter.Env, size=(size, size), reward=reward, length=length
+        )
+        self._env = self._make(seed=seed)
+        self.observation_space = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
+        self.action_space = gym.spaces.Discrete(len(crafter.constants.actions))
+        self.render_mode = "rgb_array"
+        self.render_size = int(render_size or size)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict | None = None
+    ) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        if seed is not None:
+            self._env = self._make(seed=int(seed))
+        return self._env.reset(), {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        obs, reward, done, info = self._env.step(int(action))
+        terminated = info["discount"] == 0
+        return obs, float(reward), terminated, bool(done) and not terminated, info
+
+    def render(self) -> np.ndarray:
+        """The current frame, HxWx3 uint8 at ``render_size`` (valid after a reset)."""
+        return self._env.render((self.render_size, self.render_size))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""Output heads on the feature [deter, flat stoch]: two-hot scalars, binary continue, actor.
+"""Output heads on the feature [deter, flat stoch]: two-hot scalars, binary continue, actor,
+and the categorical head the decoder uses for integer observations.
 
 Shapes: N any flattened batch (leading dims are kept), K bins, A action dims.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -103,6 +106,58 @@ class BinaryHead(nn.Module):
     @staticmethod
     def loss(logit: Tensor, target: Tensor) -> Tensor:
         return -binary_log_prob(logit, target)
+
+
+class CategoricalVectorHead(nn.Module):
+    """Linear → one categorical per element of an integer vector [..., D]: element d has
+    ``classes[d]`` outcomes; the loss is the cross-entropy summed over the elements (the
+    reference decodes integer observations with a ``categorical`` output, summed over the
+    shape). Targets are class indices in ``[0, classes[d])``.
+
+    ``forward`` returns log-probabilities [..., D, Kmax] (Kmax = max classes); an element
+    with fewer classes is padded with ``-inf`` logits, so its padding has probability 0
+    and one log-softmax serves every element.
+    """
+
+    def __init__(self, in_dim: int, classes: Sequence[int], outscale: float = 1.0):
+        super().__init__()
+        classes = [int(c) for c in classes]
+        if not classes or min(classes) < 1:
+            raise ValueError(f"a categorical head needs >= 1 class per element, got {classes}")
+        self.size, self.kmax = len(classes), max(classes)
+        self.uniform = len(set(classes)) == 1
+        # One output per class of every element: no parameters spent on padding.
+        self.out = Linear(in_dim, sum(classes), outscale)
+        if not self.uniform:
+            # index[d, k] picks element d's logit k from the flat output; padding picks the
+            # extra -inf column appended at position sum(classes).
+            offsets = torch.tensor([0, *classes[:-1]]).cumsum(0)
+            k = torch.arange(self.kmax)
+            valid = k < torch.tensor(classes)[:, None]
+            index = torch.where(valid, offsets[:, None] + k, sum(classes))
+            self.register_buffer("index", index, persistent=False)
+
+    def forward(self, feat: Tensor) -> Tensor:
+        """Log-probabilities [..., D, Kmax] (float32)."""
+        logits = self.out(feat).float()
+        if self.uniform:
+            logits = logits.unflatten(-1, (self.size, self.kmax))
+        else:
+            pad = logits.new_full((*logits.shape[:-1], 1), float("-inf"))
+            logits = torch.cat([logits, pad], -1)[..., self.index]
+        return torch.log_softmax(logits, -1)
+
+    @staticmethod
+    def loss(logp: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy to class indices ``target`` [..., D], summed over D, [...].
+
+        Gathered, not multiplied with a one-hot: 0 · -inf at the padding would be NaN."""
+        return -logp.gather(-1, target.long().unsqueeze(-1)).squeeze(-1).sum(-1)
+
+    @staticmethod
+    def predict(logp: Tensor) -> Tensor:
+        """Most likely class index per element, [..., D] (int64)."""
+        return logp.argmax(-1)
 
 
 class Actor(nn.Module):

@@ -1,37 +1,121 @@
 """The world model: multi-encoder, RSSM, decoder, reward and continue heads.
 
-Observations come as a dict: vector keys (float, [..., F_k]) and image keys (uint8,
+Observations come as a dict: vector keys (float, [..., F_k]), integer vector keys (int,
+[..., F_k], each element one of a known number of classes) and image keys (uint8,
 [..., C, H, W]). Shapes: B batch, T time, D deter, S×C stoch, E feature (D + S·C).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torchrl.data import Bounded, Categorical, MultiCategorical, TensorSpec
 
 from .distributions import categorical_entropy, categorical_kl
 from .functional import symlog
-from .heads import BinaryHead, TwoHotHead
+from .heads import BinaryHead, CategoricalVectorHead, TwoHotHead
 from .nets import MLP, ConvDecoder, ConvEncoder, Linear
 from .rssm import RSSM
+
+# Most classes one element of an integer observation may have. A wider one-hot is too sparse
+# to learn from; the envs give such vectors (e.g. an int32 Box over its whole range) as floats.
+MAX_INT_CLASSES = 1024
+
+
+@dataclass(frozen=True)
+class IntVector:
+    """An integer observation vector [F]: element i takes values low[i] … low[i]+classes[i]-1."""
+
+    low: tuple[int, ...]
+    classes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.low) != len(self.classes) or not self.classes:
+            raise ValueError(f"IntVector needs one low per element: {self.low}, {self.classes}")
+
+    @property
+    def size(self) -> int:
+        return len(self.classes)
+
+    @property
+    def width(self) -> int:
+        """Features of its one-hot encoding."""
+        return sum(self.classes)
+
+    @classmethod
+    def from_spec(cls, spec: TensorSpec, key: str = "observation") -> IntVector:
+        """From a TorchRL integer spec with event shape [F] (env batch dims dropped):
+        ``Bounded`` (inclusive bounds), ``Categorical``, ``MultiCategorical`` or ``Binary``.
+        Raises one line for anything else or for more than ``MAX_INT_CLASSES`` classes."""
+        size = int(spec.shape[-1]) if spec.shape else 0
+        if isinstance(spec, Bounded) and not spec.dtype.is_floating_point:
+            low = spec.space.low.reshape(-1, size)[0].long()
+            classes = spec.space.high.reshape(-1, size)[0].long() - low + 1
+        elif isinstance(spec, MultiCategorical):
+            nvec = spec.nvec.reshape(-1, size)[0].long()
+            low, classes = torch.zeros_like(nvec), nvec
+        elif isinstance(spec, Categorical):  # Binary is a Categorical with n = 2
+            classes = torch.full((size,), int(spec.space.n))
+            low = torch.zeros_like(classes)
+        else:
+            raise ValueError(
+                f"integer observation {key!r} has spec {type(spec).__name__} "
+                f"{tuple(spec.shape)} {spec.dtype} (no class bounds); supported: float vectors "
+                "[F], integer vectors [F] with a Bounded, Categorical, MultiCategorical or "
+                "Binary spec, and uint8 images [C, H, W]"
+            )
+        if size == 0 or int(classes.max()) > MAX_INT_CLASSES or int(classes.min()) < 1:
+            raise ValueError(
+                f"integer observation {key!r} has {classes.tolist()} classes per element; "
+                f"supported: 1 to {MAX_INT_CLASSES} per element (give wider integers as floats)"
+            )
+        return cls(tuple(low.tolist()), tuple(classes.tolist()))
 
 
 @dataclass(frozen=True)
 class ObsSpace:
-    """Which observation keys the agent reads: vector dims and image shapes (C, H, W)."""
+    """Which observation keys the agent reads: float vector dims, image shapes (C, H, W)
+    and integer vectors (one-hot encoded, decoded with one categorical per element)."""
 
     vectors: dict[str, int]
     images: dict[str, tuple[int, int, int]]
+    integers: dict[str, IntVector] = field(default_factory=dict)
 
     @property
     def keys(self) -> list[str]:
-        return sorted(self.vectors) + sorted(self.images)
+        return sorted(self.vectors) + sorted(self.integers) + sorted(self.images)
+
+
+class IntegerOneHot(nn.Module):
+    """Integer vectors [..., F] → their elements' one-hots, concatenated: [..., sum(classes)]
+    (the reference one-hot encodes integer observations instead of symlog-ing them)."""
+
+    def __init__(self, space: IntVector):
+        super().__init__()
+        self.width = space.width
+        classes = torch.tensor(space.classes)
+        # Buffers, not parameters, and out of the state_dict: they follow from the env spec.
+        self.register_buffer("low", torch.tensor(space.low), persistent=False)
+        self.register_buffer("top", classes - 1, persistent=False)
+        self.register_buffer("offset", classes.cumsum(0) - classes, persistent=False)
+
+    def index(self, x: Tensor) -> Tensor:
+        """Class index of each element, [..., F] int64. Values outside the spec's bounds are
+        clamped onto them: an out-of-range index would be a device-side assert on CUDA,
+        which no run survives (the reference's one_hot silently gives zeros there)."""
+        return torch.clamp(x.long() - self.low, min=torch.zeros_like(self.top), max=self.top)
+
+    def forward(self, x: Tensor) -> Tensor:
+        idx = self.index(x) + self.offset
+        out = torch.zeros(*x.shape[:-1], self.width, device=x.device)
+        return out.scatter_(-1, idx, 1.0)
 
 
 class MultiEncoder(nn.Module):
-    """obs dict → tokens [N, F]: symlog(vectors) → MLP, images → CNN, concatenated."""
+    """obs dict → tokens [N, F]: [symlog(vectors), one-hot(integers)] → MLP, images → CNN,
+    concatenated."""
 
     def __init__(
         self,
@@ -45,9 +129,12 @@ class MultiEncoder(nn.Module):
         super().__init__()
         self.space, self.symlog_inputs = space, symlog_inputs
         self.vec_keys, self.img_keys = sorted(space.vectors), sorted(space.images)
+        self.int_keys = sorted(space.integers)
+        self.onehots = nn.ModuleDict({k: IntegerOneHot(space.integers[k]) for k in self.int_keys})
         self.out_features = 0
-        if self.vec_keys:
-            self.mlp = MLP(sum(space.vectors.values()), units, layers, norm)
+        if self.vec_keys or self.int_keys:
+            width = sum(space.vectors.values()) + sum(m.width for m in self.onehots.values())
+            self.mlp = MLP(width, units, layers, norm)
             self.out_features += units
         if self.img_keys:
             c, h, _ = _stack_images(space)
@@ -56,9 +143,13 @@ class MultiEncoder(nn.Module):
 
     def forward(self, obs: dict[str, Tensor]) -> Tensor:
         outs = []
-        if self.vec_keys:
-            x = torch.cat([obs[k].float() for k in self.vec_keys], -1)
-            outs.append(self.mlp(symlog(x) if self.symlog_inputs else x))
+        if self.vec_keys or self.int_keys:
+            parts = []
+            if self.vec_keys:
+                x = torch.cat([obs[k].float() for k in self.vec_keys], -1)
+                parts.append(symlog(x) if self.symlog_inputs else x)
+            parts += [self.onehots[k](obs[k]) for k in self.int_keys]
+            outs.append(self.mlp(torch.cat(parts, -1) if len(parts) > 1 else parts[0]))
         if self.img_keys:
             img = torch.cat([obs[k] for k in self.img_keys], -3)
             lead = img.shape[:-3]
@@ -68,7 +159,9 @@ class MultiEncoder(nn.Module):
 
 class MultiDecoder(nn.Module):
     """feat → reconstruction losses per key: symlog-space MSE for vectors (summed over
-    features), MSE on [0, 1] pixels for images (summed over C·H·W)."""
+    features), cross-entropy for integer vectors (one categorical per element, summed over
+    elements), MSE on [0, 1] pixels for images (summed over C·H·W). Vectors and integers
+    share one MLP, each key its own output layer, as in the reference."""
 
     def __init__(
         self,
@@ -84,20 +177,34 @@ class MultiDecoder(nn.Module):
         super().__init__()
         self.space, self.deter = space, deter
         self.vec_keys, self.img_keys = sorted(space.vectors), sorted(space.images)
-        if self.vec_keys:
+        self.int_keys = sorted(space.integers)
+        if self.vec_keys or self.int_keys:
             self.mlp = MLP(deter + stoch, units, layers, norm)
+        if self.vec_keys:
             self.vec_out = Linear(units, sum(space.vectors.values()))
+        if self.int_keys:
+            self.int_heads = nn.ModuleDict(
+                {k: CategoricalVectorHead(units, space.integers[k].classes) for k in self.int_keys}
+            )
+            # The targets' class indices, from the same bounds the encoder one-hots with.
+            self.onehots = nn.ModuleDict(
+                {k: IntegerOneHot(space.integers[k]) for k in self.int_keys}
+            )
         if self.img_keys:
             c, h, _ = _stack_images(space)
             self.cnn = ConvDecoder(deter, stoch, c, h, depth, units, norm=norm, blocks=blocks)
 
     def forward(self, feat: Tensor) -> dict[str, Tensor]:
-        """Predictions per key: vectors in symlog space, images in [0, 1]."""
+        """Predictions per key: vectors in symlog space, integers as log-probabilities
+        [..., F, Kmax] over class indices (see `CategoricalVectorHead`), images in [0, 1]."""
         preds = {}
+        hidden = self.mlp(feat) if self.vec_keys or self.int_keys else None
         if self.vec_keys:
-            x = self.vec_out(self.mlp(feat))
+            x = self.vec_out(hidden)
             sizes = [self.space.vectors[k] for k in self.vec_keys]
             preds.update(zip(self.vec_keys, x.split(sizes, -1)))
+        for k in self.int_keys:
+            preds[k] = self.int_heads[k](hidden)
         if self.img_keys:
             lead = feat.shape[:-1]
             flat = feat.reshape(-1, feat.shape[-1])
@@ -113,6 +220,8 @@ class MultiDecoder(nn.Module):
         total = 0.0
         for k in self.vec_keys:
             total = total + (preds[k] - symlog(obs[k].float())).square().sum(-1)
+        for k in self.int_keys:
+            total = total + self.int_heads[k].loss(preds[k], self.onehots[k].index(obs[k]))
         for k in self.img_keys:
             target = obs[k].float() / 255.0
             total = total + (preds[k] - target).square().sum((-3, -2, -1))

@@ -35,7 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipelines.common import ConfigError
 
 # dreamer_trl.envs.SUITES, repeated so that validating imports no torch (a test keeps them equal).
-SUITES = ("gym", "dmc", "atari")
+SUITES = ("gym", "dmc", "atari", "crafter")
 DTYPES = ("float32", "bfloat16")  # dreamer_trl.precision.DTYPES, likewise
 LATENT_DTYPES = ("float16", "bfloat16", "float32")  # dreamer_trl.replay._dtype, likewise
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -347,6 +347,11 @@ RULES: tuple[Rule, ...] = (
         "env.task",
         "env.suite != 'dmc' or '-' in env.task",
         "must be 'domain-task' with env.suite=dmc, e.g. walker-walk",
+    ),
+    Rule(
+        "env.task",
+        "env.suite != 'crafter' or env.task in ('reward', 'noreward')",
+        "must be reward or noreward with env.suite=crafter",  # dreamer_trl.envs.CRAFTER_TASKS
     ),
 )
 CUDA_KEYS = ("device", "replay.device", "collector.device")
