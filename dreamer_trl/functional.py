@@ -122,7 +122,9 @@ def twohot_nll(logp: Tensor, target: Tensor, bins: Tensor) -> Tensor:
     dist_below = (bins[below] - target).abs()
     dist_above = (bins[above] - target).abs()
     total = dist_below + dist_above
-    equal = below == above
+    # searchsorted sorts a NaN last, which would make it the top bin with a finite loss; kept
+    # out of ``equal``, its weight is NaN, so the loss is NaN for the non-finite guard.
+    equal = (below == above) & ~torch.isnan(target)
     weight_below = torch.where(equal, 1.0, dist_above / torch.where(equal, 1.0, total))
     logp_below = logp.gather(-1, below.unsqueeze(-1)).squeeze(-1)
     logp_above = logp.gather(-1, above.unsqueeze(-1)).squeeze(-1)

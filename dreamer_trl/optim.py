@@ -5,6 +5,12 @@ Per tensor: g ← g / max(1, ‖g‖ / (clip·max(pmin, ‖θ‖))) (adaptive gr
 θ ← θ − lr_t · μ / (1−β1^t), lr_t = lr · min(1, (t−1)/warmup) (0 on the very first
 update, as optax's schedule is evaluated before its counter moves).
 All work is done with ``torch._foreach_*`` over the whole parameter list.
+
+Non-finite guard: ``step`` also checks the gradients' norms (AGC computes them anyway);
+where they, or the ``finite`` flag it is given, are not finite, the update's gradients count
+as zeros — selected on device, no host sync — so the moments and the weights stay finite
+(the weights still move by the decayed momentum, as for any zero gradient).
+``last_grads_finite`` keeps the gradients' flag for the caller's guard.
 """
 
 from __future__ import annotations
@@ -45,19 +51,31 @@ class LaProp(torch.optim.Optimizer):
         return group["lr"] * (min(done, warmup) / warmup if warmup else 1.0)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, finite: Tensor | None = None):
+        """One update; with zero gradients where they or ``finite`` are not finite."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
+            if params:
+                grads = [p.grad for p in params]
+                work.append((group, params, grads, torch.stack(torch._foreach_norm(grads))))
+        if not work:
+            return loss
+        norms = torch.cat([w[3] for w in work]) if len(work) > 1 else work[0][3]
+        self.last_grads_finite: Tensor = torch.isfinite(norms).all()  # NaN/inf in any gradient
+        ok = self.last_grads_finite if finite is None else self.last_grads_finite & finite
+        for group, params, grads, gnorm in work:
+            # A NaN/inf must reach neither the moments nor the weights; on a finite update
+            # these selects leave their input unchanged (bit for bit).
+            zero_unless(ok, grads)
+            gnorm = torch.where(ok, gnorm, 0.0)  # the zeroed gradients' norms
             nu, mu = self._group_state(group, params)
             if group["agc"]:
-                grads = _agc(params, grads, group["agc"], group["pmin"])
+                grads = _agc(params, grads, gnorm, group["agc"], group["pmin"])
             lr = self.current_lr(group)
             group["step"] = group.get("step", 0) + 1
             t = group["step"]
@@ -73,9 +91,22 @@ class LaProp(torch.optim.Optimizer):
         return loss
 
 
-def _agc(params: list[Tensor], grads: list[Tensor], clip: float, pmin: float) -> list[Tensor]:
-    """Adaptive gradient clipping, each tensor against its own parameter norm."""
-    gnorm = torch.stack(torch._foreach_norm(grads))
+def zero_unless(ok: Tensor, tensors: list[Tensor]) -> None:
+    """Zero each tensor in place unless ``ok`` (a bool 0-dim tensor on their device): a
+    select queued on the device, so no host sync — how a non-finite update's gradients are
+    dropped. (A multiply by 0 would not do: NaN·0 is NaN.)"""
+    if not tensors:
+        return
+    zero = torch.zeros((), dtype=tensors[0].dtype, device=tensors[0].device)
+    for x in tensors:
+        torch.where(ok, x, zero, out=x)
+
+
+def _agc(
+    params: list[Tensor], grads: list[Tensor], gnorm: Tensor, clip: float, pmin: float
+) -> list[Tensor]:
+    """Adaptive gradient clipping, each tensor against its own parameter norm (``gnorm``:
+    the gradients' norms [n], already computed for the finiteness check)."""
     pnorm = torch.stack(torch._foreach_norm(params))
     factor = 1.0 / torch.clamp(gnorm / (clip * torch.clamp(pnorm, min=pmin)), min=1.0)
     return torch._foreach_mul(grads, list(factor.unbind()))

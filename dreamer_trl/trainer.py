@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .agent import DreamerV3Agent
 from .checkpoint import (
+    CheckpointError,
     DiskFullError,
     capture_rng,
     expected_bytes,
@@ -127,6 +128,10 @@ def make_collector(cfg: DictConfig, policy: ActingPolicy, seed: int):
 class Trainer:
     """Owns the agent, replay, collector, tracker and counters of one run."""
 
+    # Non-finite guard: the one-line report once an update's losses or gradients were found
+    # NaN/inf (see check_finite); a poisoned run is stopped and never checkpointed again.
+    poisoned: str | None = None
+
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = resolve_device(cfg.device)
@@ -144,6 +149,8 @@ class Trainer:
         elif cfg.compile.get("steps", True):  # configs saved before the key: the default
             chunk = int(cfg.compile.get("observe_chunk", 4))  # likewise
             self.agent.compile_steps(observe_chunk=chunk, mode=cfg.compile.mode)
+        # The first write under run_dir, and it creates run_dir: only once the env and the
+        # agent are built, so a bad env id or model config leaves no (empty) run dir behind.
         self.scratch = fresh_scratch_dir(self.run_dir)
         self.replay = self.make_replay(replay_capacity(cfg))
         self.counters = {
@@ -362,27 +369,67 @@ class Trainer:
                     if log_due(c["env_steps"]):
                         self._log_interval(tracker, means.pop(), fps, last_return)
                         self.check_disk()
+                    if self.poisoned:  # non-finite guard, read at log time: stop unsaved
+                        break
                     if c["env_steps"] >= t.total_steps:
                         break
                     if eval_due(c["env_steps"]):
                         with self.phases("eval"):
                             self._eval_and_log(tracker, video=False)
                     if ckpt_due(c["env_steps"]):
+                        if not self.check_finite():  # never checkpoint a poisoned state
+                            break
                         with self.phases("checkpoint"):
                             self.save()
             if not self.returns or self.returns[-1][0] != c["env_steps"]:
                 self._eval_and_log(tracker, video=bool(cfg.eval.video))  # final evaluation
                 self._log_open_loop(tracker)
         except KeyboardInterrupt:
-            status = "KILLED"
-            bar.write("Interrupted: saving a checkpoint before exit…")
+            # A user's stop (Ctrl-C, or SIGTERM via install_sigterm_as_interrupt): save below
+            # and return; the caller prints the one line (MLflow's word for it is KILLED).
+            status = "STOPPED"
         finally:
             if collector is not None:
                 collector.shutdown()
             bar.close()
+        if not self.check_finite():  # non-finite guard: the last finite checkpoint stays latest
+            return self._poisoned_result(tracker)
         path = self.save()
         tracker.log_artifact(str(path / "meta.json"), "checkpoints")
         return {"status": status, "checkpoint": str(path), **self.counters}
+
+    # ---- non-finite guard ----------------------------------------------------------
+    def check_finite(self) -> bool:
+        """False once an update's losses or gradients were NaN/inf. Reads the agent's
+        device-side guard (one host sync), so it is called at log time and right before each
+        checkpoint save, never per update; the first finding sets ``self.poisoned``."""
+        if self.poisoned is None:
+            found = self.agent.guard.read()
+            if found is not None:
+                # The guard counts this agent's updates; map its index onto the run's count.
+                number = self.counters["updates"] - found.recorded + found.index + 1
+                self.poisoned = (
+                    f"non-finite update {number} ({found.what()}; {found.bad} of this "
+                    f"process's {found.recorded} updates non-finite): run stopped without "
+                    f"saving it, latest checkpoint {self._latest_checkpoint()}"
+                )
+        return self.poisoned is None
+
+    def _latest_checkpoint(self) -> str:
+        try:
+            return str(find_checkpoint(self.run_dir))
+        except CheckpointError:
+            return "none"
+
+    def _poisoned_result(self, tracker: Tracker) -> dict:
+        """``train``'s result for a run stopped by the guard (nothing saved)."""
+        tracker.log_dict({"error": self.poisoned, **self.counters}, "nonfinite.json")
+        return {
+            "status": "NONFINITE",
+            "error": self.poisoned,
+            "checkpoint": self._latest_checkpoint(),
+            **self.counters,
+        }
 
     def _record_episodes(self, batch: TensorDictBase, tracker: Tracker, last: float) -> float:
         """Count and log the episodes that ended in ``batch``; returns the latest return."""
@@ -402,6 +449,7 @@ class Trainer:
     def _log_interval(self, tracker: Tracker, means: dict, fps: float, last: float) -> None:
         """The interval's mean losses/metrics and the run's counters, to MLflow (and a
         line on stdout when there is no progress bar: background runs)."""
+        self.check_finite()  # log time: the guard's one host sync per interval
         c = self.counters
         logged = {f"train/{k}": v for k, v in means.items()}
         logged.update(
@@ -419,12 +467,14 @@ class Trainer:
 
     def _log_open_loop(self, tracker: Tracker) -> None:
         """Open-loop prediction video (pixel envs): real vs imagined frames."""
-        if not self.agent.obs_space.images or not self.replay.can_sample():
+        if self.poisoned or not self.agent.obs_space.images or not self.replay.can_sample():
             return
         frames = open_loop_video(self.agent, self.replay.sample().to(self.device))
         tracker.log_video(frames, "openloop.mp4", fps=10)
 
     def _eval_and_log(self, tracker: Tracker, video: bool) -> None:
+        if self.poisoned:  # the run stops: a non-finite agent's return is no result
+            return
         metrics, frames = self.evaluate(int(self.cfg.train.eval_episodes), video=video)
         step = self.counters["env_steps"]
         self.returns.append((step, metrics["eval/return"]))
