@@ -24,8 +24,10 @@ lint:
 	$(PY) -m ruff check .
 
 # A resume takes its env from the run's saved overrides: env= is passed only for a new run,
-# or when ENV is given explicitly (then train.py refuses a mismatch with the checkpoint).
-ENV_ARG = $(if $(and $(findstring resume=,$(ARGS)),$(filter file,$(origin ENV))),,env=$(ENV))
+# or when ENV is given on make's command line (then train.py refuses a mismatch with the
+# checkpoint). Not for an ENV from the shell's environment: POSIX shells use that name too.
+ENV_GIVEN = $(filter command,$(origin ENV))
+ENV_ARG = $(if $(findstring resume=,$(ARGS)),$(if $(ENV_GIVEN),env=$(ENV)),env=$(ENV))
 
 train:  ## make train ENV=dmc_walker ARGS="seed=1 model=size12m"; make train ARGS="resume=<dir>"
 	$(PY) pipelines/train.py $(ENV_ARG) $(ARGS)
@@ -33,7 +35,11 @@ train:  ## make train ENV=dmc_walker ARGS="seed=1 model=size12m"; make train ARG
 eval:   ## make eval CKPT=<checkpoint path, run dir or MLflow run id>
 	$(PY) pipelines/evaluate.py ckpt=$(CKPT) $(ARGS)
 
+# MLflow 3.17 opens experiments in its GenAI view until "Model training" is picked once (top
+# left; the browser keeps the choice) or a link asks for it (an experiment's URL + the query
+# ?workflowType=machine_learning); the experiment tag alone does not: pipelines/mlflow_view_check.py.
 ui:     ## MLflow UI on 127.0.0.1:5000 over the embedded store
+	@echo 'runs and charts: pick "Model training" at the top left once (the browser keeps it)'
 	$(PY) -m mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
 
 bench:  ## update-step and acting benchmark; writes results/bench.json

@@ -23,6 +23,8 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 __all__ = [
+    "EXPERIMENT_KIND_TAG",
+    "MODEL_TRAINING",
     "Tracker",
     "default_artifact_location",
     "default_tracking_uri",
@@ -30,6 +32,8 @@ __all__ = [
     "load_reference_curve",
     "normalise_task_name",
     "plot_learning_curve",
+    "run_dir_of",
+    "run_tags",
     "write_mp4",
 ]
 
@@ -39,7 +43,18 @@ try:  # the store's limit, so long values (e.g. lists of obs keys) are cut, not 
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 except ImportError:  # pragma: no cover - moved in some future MLflow
     MAX_PARAM_VAL_LENGTH = 6000
+try:
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+except ImportError:  # pragma: no cover
+    MAX_TAG_VAL_LENGTH = 5000
 _BATCH = 100  # MlflowClient.log_batch accepts at most 100 params and 1000 metrics per call
+# MLflow 3.x opens an experiment in its GenAI (traces) view unless the experiment's kind says
+# otherwise; these values are the UI's (mlflow/server/js: "custom_model_development" is its
+# runs/charts model-training view). The UI itself may store the "*_inferred" guesses.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+_INFERRED_KINDS = ("genai_development_inferred", "custom_model_development_inferred",
+                   "no_inferred_type")
 
 
 # --------------------------------------------------------------------------- config
@@ -145,14 +160,24 @@ class Tracker:
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
         exp = self._client.get_experiment_by_name(name)
         if exp is not None:
+            self._mark_model_training(exp)
             return exp.experiment_id
         location = artifact_location or default_artifact_location(self.tracking_uri)
-        return self._client.create_experiment(name, artifact_location=location)
+        return self._client.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+        )
+
+    def _mark_model_training(self, exp: Any) -> None:
+        """Tag an experiment we log into as model training when it has no kind of its own
+        yet (experiments created before this tag existed): a kind set by a user stays."""
+        if exp.tags.get(EXPERIMENT_KIND_TAG) in (None, "", *_INFERRED_KINDS):
+            self._client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
 
     def _resume(self, run_id: str) -> str:
         from mlflow.entities import RunStatus
 
         run = self._client.get_run(run_id)  # raises MlflowException for an unknown id
+        self._mark_model_training(self._client.get_experiment(run.info.experiment_id))
         self._client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         self._existing_params = dict(run.data.params)
         return run.info.run_id
@@ -172,6 +197,19 @@ class Tracker:
         return self._client.get_run(self._run_id).info.artifact_uri
 
     # -- logging
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values as strings, cut to the store's limit)."""
+        if not self.enabled:
+            return
+        for key, value in tags.items():
+            self._client.set_tag(self._run_id, key, str(value)[:MAX_TAG_VAL_LENGTH])
+
+    def log_text(self, text: str, name: str) -> None:
+        """Store ``text`` as a file artefact ``name`` (e.g. ``error.txt``)."""
+        if not self.enabled:
+            return
+        self._client.log_text(self._run_id, text, name)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log (nested) params, flattened with :func:`flatten_config`.
@@ -441,13 +479,18 @@ def _clean_run(run: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
     return xs, ys
 
 
-def run_dir_of(run_id: str, tracking_uri: str | None = None) -> str | None:
-    """The ``run_dir`` tag of an MLflow run (set by the training pipeline), or None."""
+def run_tags(run_id: str, tracking_uri: str | None = None) -> dict[str, str] | None:
+    """The tags of an MLflow run, or None when the store has no such run."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
     try:
-        return client.get_run(run_id).data.tags.get("run_dir")
+        return dict(client.get_run(run_id).data.tags)
     except MlflowException:
         return None
+
+
+def run_dir_of(run_id: str, tracking_uri: str | None = None) -> str | None:
+    """The ``run_dir`` tag of an MLflow run (set by the training pipeline), or None."""
+    return (run_tags(run_id, tracking_uri) or {}).get("run_dir")

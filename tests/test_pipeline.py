@@ -472,7 +472,7 @@ def test_signal_saves_a_checkpoint_and_exits_130(sig, preexec, tmp_path, store):
     log, errors = stdout.read_text(), stderr.read_text()
     assert code == 130, f"{log}\n{errors}"
     assert "Traceback" not in errors, errors
-    assert re.search(r"^killed: \d+ env steps", log, re.M), log
+    assert re.search(r"^stopped: \d+ env steps", log, re.M), log  # the word for a stop
 
     ckpt = find_checkpoint(run_dir)
     state = load_checkpoint(ckpt)
