@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDictBase
 from torchrl.collectors import Collector, MultiAsyncCollector
 from torchrl.data import Composite, Unbounded
-from torchrl.envs import EnvBase, TensorDictPrimer, TransformedEnv
+from torchrl.envs import EnvBase, ParallelEnv, SerialEnv, TensorDictPrimer, TransformedEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
@@ -106,13 +106,46 @@ def stream_of(batch: TensorDictBase) -> int:
     return int(batch.get("stream").reshape(-1)[0]) if "stream" in batch.keys() else 0
 
 
-def make_collector(cfg: DictConfig, policy: ActingPolicy, seed: int):
-    """``Collector`` in this process, or ``MultiAsyncCollector`` over worker processes."""
-    env_cfg = OmegaConf.to_container(cfg.env, resolve=True)
-    workers = int(cfg.collector.num_workers)
+def env_streams(batch: TensorDictBase) -> list[tuple[int, TensorDictBase]]:
+    """A collector batch as (stream, steps [F]) pairs: [F] from one env, [N, F] from a
+    batched env of N (each sub-env its own stream, read from its ``stream`` entry)."""
+    rows = batch.unbind(0) if batch.ndim == 2 else (batch,)
+    return [(stream_of(row), row) for row in rows]
+
+
+def batched_acting_env(
+    env_cfg: Mapping, seed: int, policy: ActingPolicy, envs: int, first_stream: int,
+    parallel: bool = False,
+) -> EnvBase:
+    """``envs`` acting envs stepped as one batch [envs] (one policy call per step): sub-env
+    j is stream ``first_stream + j`` with seed ``seed + j``. ``SerialEnv`` steps them in
+    this process (cheap envs, few cores); ``ParallelEnv`` in one process each."""
     fns = [
-        functools.partial(acting_env, env_cfg, seed + i, policy, stream=i) for i in range(workers)
+        functools.partial(acting_env, env_cfg, seed + j, policy, stream=first_stream + j)
+        for j in range(envs)
     ]
+    return (ParallelEnv if parallel else SerialEnv)(envs, fns)
+
+
+def make_collector(cfg: DictConfig, policy: ActingPolicy, seed: int):
+    """``Collector`` in this process, or ``MultiAsyncCollector`` over worker processes;
+    each steps ``collector.envs`` envs (worker i's env j: stream and seed offset i·envs + j).
+    The reference's ``run.envs`` is workers × envs."""
+    env_cfg = OmegaConf.to_container(cfg.env, resolve=True)
+    workers, envs = int(cfg.collector.num_workers), int(cfg.collector.get("envs", 1))
+    parallel = bool(cfg.collector.get("parallel", False))
+    if envs == 1:  # a plain env, as before batched envs existed (same seeds, same streams)
+        fns = [
+            functools.partial(acting_env, env_cfg, seed + i, policy, stream=i)
+            for i in range(workers)
+        ]
+    else:
+        fns = [
+            functools.partial(
+                batched_acting_env, env_cfg, seed + i * envs, policy, envs, i * envs, parallel
+            )
+            for i in range(workers)
+        ]
     kwargs = dict(
         frames_per_batch=int(cfg.collector.frames_per_batch),
         total_frames=-1,
@@ -271,7 +304,8 @@ class Trainer:
     def updates_for(self, new_steps: int) -> int:
         """Updates owed after ``new_steps`` more env steps: train_ratio / (B·T) per step."""
         t = self.cfg.train
-        if len(self.replay) < t.train_start:
+        # With N envs, train_start steps may be spread so thin that no stream holds T+1 yet.
+        if len(self.replay) < t.train_start or not self.replay.can_sample():
             return 0
         self.counters["updates_due"] += new_steps * t.train_ratio / (t.batch_size * t.seq_len)
         due = math.floor(self.counters["updates_due"])
@@ -353,7 +387,8 @@ class Trainer:
                         batch = next(batches)
                     n = batch.numel()
                     with self.phases("extend"):
-                        self.replay.extend(batch.cpu(), stream=stream_of(batch))
+                        for stream, steps in env_streams(batch.cpu()):
+                            self.replay.extend(steps, stream=stream)
                     c["env_steps"] += n
                     last_return = self._record_episodes(batch, tracker, last_return)
                     for _ in range(self.updates_for(n)):

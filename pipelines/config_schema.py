@@ -244,6 +244,8 @@ class ReplayConfig:
 @dataclass
 class CollectorConfig:
     num_workers: int = positive(1)
+    envs: int = positive(1)
+    parallel: bool = spec(False)
     frames_per_batch: int = positive(16)
     device: str = device("cpu")
 
@@ -332,6 +334,12 @@ RULES: tuple[Rule, ...] = (
         "replay.storage != 'memmap' or replay.device == 'cpu'",
         "needs replay.storage=tensor: a memmap storage lives in host memory (valid with "
         "memmap: replay.device=cpu)",
+    ),
+    Rule(
+        "collector.frames_per_batch",
+        "collector.frames_per_batch % collector.envs == 0",
+        "must be a multiple of collector.envs={collector.envs}: a batch holds the same number "
+        "of steps from each env",
     ),
     Rule(
         "model.deter",

@@ -51,6 +51,7 @@ DMC_VISION = {
     "train": {"train_ratio": 256, "total_steps": 1_100_000},
     "env": {"suite": "dmc", "task": "walker-walk", "from_pixels": True, "image_size": 64,
             "action_repeat": 1},
+    "envs": 16,  # `defaults` run.envs
 }
 # configs.yaml: atari100k `run: {steps: 1.1e5, envs: 1, train_ratio: 256}`; env.atari100k
 # `{size: [64, 64], repeat: 4, sticky: False, gray: False, actions: needed, noops: 30}`;
@@ -59,12 +60,14 @@ ATARI100K = {
     "train": {"train_ratio": 256, "total_steps": 110_000},
     "env": {"suite": "atari", "task": "pong", "image_size": 64, "action_repeat": 4,
             "sticky": False, "grayscale": False, "noop_max": 30},
+    "envs": 1,
 }
 # configs.yaml: crafter `run: {steps: 1.1e6, envs: 1, train_ratio: 512}`; env.crafter
 # `{size: [64, 64]}`; task crafter_reward (no repeat key: one env step per action).
 CRAFTER = {
     "train": {"train_ratio": 512, "total_steps": 1_100_000},
     "env": {"suite": "crafter", "task": "reward", "image_size": 64, "action_repeat": 1},
+    "envs": 1,
 }
 PRESETS = {"dmc_vision": DMC_VISION, "atari100k": ATARI100K, "crafter": CRAFTER}
 needs_crafter = pytest.mark.skipif(
@@ -94,6 +97,12 @@ def test_preset_has_the_reference_values(name):
     assert {k: cfg.env[k] for k in expected["env"]} == expected["env"]
     # The rest of the training setup stays the project's (reference) defaults.
     assert (cfg.train.batch_size, cfg.train.seq_len, cfg.collector.num_workers) == (16, 64, 1)
+    assert cfg.collector.envs == expected["envs"]  # the reference's run.envs
+
+
+@pytest.mark.parametrize("name", ["dmc_walker", "dmc_cartpole", "dmc_walker_vision"])
+def test_dmc_proprio_presets_step_the_references_16_envs(name):
+    assert compose_config([f"env={name}"]).collector.envs == 16  # dmc_proprio: run.envs 16
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
