@@ -56,12 +56,13 @@ from torchrl.envs import (
     TransformedEnv,
 )
 
+from . import device_envs
 from .world_model import MAX_INT_CLASSES
 
 # dm_control picks its GL backend at import time; default to headless EGL unless the user chose.
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-SUITES = ("gym", "dmc", "atari", "crafter")
+SUITES = ("gym", "dmc", "atari", "crafter", "torchrl")
 
 DEFAULTS: dict[str, Any] = {
     "from_pixels": False,
@@ -95,6 +96,7 @@ def make_env(
     device: str | torch.device = "cpu",
     *,
     render: bool = False,
+    batch: int | None = None,
 ) -> TransformedEnv:
     """Build one environment described by ``cfg`` (a dict or omegaconf DictConfig).
 
@@ -103,7 +105,8 @@ def make_env(
     ``render_size`` (optional, see ``DEFAULTS``). ``seed`` seeds the env. ``render=True`` adds
     ``"render"`` (see the module docstring; every other key and spec is unchanged). Raises
     ``ValueError`` with one clear line for an unknown suite or task and for observation/action
-    spaces the agent does not support.
+    spaces the agent does not support. ``batch=N`` (suite ``torchrl`` only: its envs are
+    natively batched) gives one env of batch size [N] on ``device``.
     """
     opts = _options(cfg)
     opts["render"] = bool(render)
@@ -113,7 +116,15 @@ def make_env(
         "atari": _build_atari,
         "crafter": _build_crafter,
     }
-    base, transforms = builders[opts["suite"]](opts, seed, torch.device(device))
+    if opts["suite"] == "torchrl":
+        base, transforms = _build_torchrl(opts, seed, torch.device(device), batch)
+    elif batch is not None:
+        raise ValueError(
+            f"batch={batch}: suite {opts['suite']!r} builds one env; batch envs of it with "
+            "SerialEnv/ParallelEnv (collector.envs); natively batched: suite 'torchrl'"
+        )
+    else:
+        base, transforms = builders[opts["suite"]](opts, seed, torch.device(device))
     env = TransformedEnv(base)
     for transform in [*transforms, *_episode_transforms(opts)]:
         env.append_transform(transform)
@@ -529,6 +540,19 @@ class RenderPixels(RenderFrame):
         render = functools.partial(physics.render, size, size, camera_id=camera_id)
         super().__init__(render, size, out_key)
         self.camera_id = camera_id
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrl (device-native, natively batched)
+
+
+def _build_torchrl(
+    opts: dict[str, Any], seed: int | None, device: torch.device, batch: int | None
+) -> tuple[EnvBase, list[Transform]]:
+    base, obs = device_envs.build(opts, seed, device, batch)
+    if opts["max_episode_steps"] is None:  # PendulumEnv has no end of its own: gym's limit
+        opts["max_episode_steps"] = device_envs.PENDULUM_STEPS
+    return base, [*obs, *_continuous_action_transforms()]
 
 
 # ---------------------------------------------------------------------------------------------

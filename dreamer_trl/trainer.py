@@ -24,6 +24,7 @@ from torchrl.envs import EnvBase, ParallelEnv, SerialEnv, TensorDictPrimer, Tran
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
+from . import device_envs
 from .agent import DreamerV3Agent
 from .checkpoint import (
     CheckpointError,
@@ -83,18 +84,22 @@ def make_policy(
 
 
 def acting_env(
-    env_cfg: Mapping, seed: int, policy: ActingPolicy, render: bool = False, stream: int = 0
+    env_cfg: Mapping, seed: int, policy: ActingPolicy, render: bool = False, stream: int = 0,
+    batch: int | None = None, device: str | torch.device = "cpu",
 ) -> EnvBase:
     """An env with the transforms acting needs: incoming reward, the recurrent primer and
-    a constant ``stream`` id, so replay keeps each worker's steps one stream of its own."""
-    env = make_env(env_cfg, seed, render=render)
+    a constant ``stream`` id, so replay keeps each worker's steps one stream of its own.
+    ``batch=N``: one natively batched env [N] (suite ``torchrl``) on ``device``, env j
+    being stream ``stream + j``."""
+    env = make_env(env_cfg, seed, device, render=render, batch=batch)
     env = env if isinstance(env, TransformedEnv) else TransformedEnv(env)
     env.append_transform(IncomingReward())
     env.append_transform(policy.make_primer())
+    ids = stream if batch is None else device_envs.stream_ids(stream, batch, env.device)
     env.append_transform(
         TensorDictPrimer(
             Composite(stream=Unbounded(shape=(), dtype=torch.int64)),
-            default_value=stream,
+            default_value=ids,
             expand_specs=True,
         )
     )
@@ -115,11 +120,14 @@ def env_streams(batch: TensorDictBase) -> list[tuple[int, TensorDictBase]]:
 
 def batched_acting_env(
     env_cfg: Mapping, seed: int, policy: ActingPolicy, envs: int, first_stream: int,
-    parallel: bool = False,
+    parallel: bool = False, device: str | torch.device = "cpu",
 ) -> EnvBase:
     """``envs`` acting envs stepped as one batch [envs] (one policy call per step): sub-env
-    j is stream ``first_stream + j`` with seed ``seed + j``. ``SerialEnv`` steps them in
-    this process (cheap envs, few cores); ``ParallelEnv`` in one process each."""
+    j is stream ``first_stream + j``. A natively batched suite (``torchrl``) is one env of
+    batch [envs] on ``device``; any other is ``envs`` envs with seeds ``seed + j`` in a
+    ``SerialEnv`` (this process: cheap envs, few cores) or ``ParallelEnv`` (a process each)."""
+    if env_cfg["suite"] == "torchrl":
+        return acting_env(env_cfg, seed, policy, stream=first_stream, batch=envs, device=device)
     fns = [
         functools.partial(acting_env, env_cfg, seed + j, policy, stream=first_stream + j)
         for j in range(envs)
@@ -134,7 +142,7 @@ def make_collector(cfg: DictConfig, policy: ActingPolicy, seed: int):
     env_cfg = OmegaConf.to_container(cfg.env, resolve=True)
     workers, envs = int(cfg.collector.num_workers), int(cfg.collector.get("envs", 1))
     parallel = bool(cfg.collector.get("parallel", False))
-    if envs == 1:  # a plain env, as before batched envs existed (same seeds, same streams)
+    if envs == 1 and env_cfg["suite"] != "torchrl":  # a plain env, as before batched envs
         fns = [
             functools.partial(acting_env, env_cfg, seed + i, policy, stream=i)
             for i in range(workers)
@@ -142,7 +150,8 @@ def make_collector(cfg: DictConfig, policy: ActingPolicy, seed: int):
     else:
         fns = [
             functools.partial(
-                batched_acting_env, env_cfg, seed + i * envs, policy, envs, i * envs, parallel
+                batched_acting_env, env_cfg, seed + i * envs, policy, envs, i * envs, parallel,
+                cfg.collector.device,
             )
             for i in range(workers)
         ]

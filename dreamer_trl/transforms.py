@@ -26,8 +26,9 @@ class IncomingReward(Transform):
         return next_tensordict
 
     def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase):
+        # The spec's shape already holds the env's batch dims ([N, 1] for a batched env).
         spec = self.parent.full_reward_spec[self.in_keys[0]]
-        tensordict_reset.set(self.out_keys[0], spec.zero(tensordict_reset.shape))
+        tensordict_reset.set(self.out_keys[0], spec.zero())
         return tensordict_reset
 
     def transform_observation_spec(self, observation_spec: Composite) -> Composite:

@@ -34,7 +34,7 @@ def check_streams(steps: TensorDict, streams: set[int]) -> None:
         first, last = mine["is_first"].reshape(-1), mine["is_last"].reshape(-1)
         assert first[0]
         assert torch.equal(first[1:], last[:-1]), f"stream {stream}: is_first != previous is_last"
-        assert last.any(), "tiny CartPole episodes end within the run"
+    assert steps["is_last"].any(), "CartPole episodes end within the run: the check above bites"
 
 
 def run(tmp_path: Path, *extra: str) -> Trainer:
@@ -62,6 +62,7 @@ def test_four_envs_are_four_streams_with_their_own_episodes(tmp_path):
     assert len({tuple(o.tolist()) for o in obs}) == 4
 
 
+@pytest.mark.slow  # two worker processes: ~40 s alone, ~2 min on a busy machine
 def test_workers_times_envs(tmp_path):
     """Worker i's env j is stream i·envs + j: two workers of two envs make four streams."""
     trainer = run(tmp_path, "collector.envs=2", "collector.num_workers=2")
@@ -86,3 +87,56 @@ def test_env_streams_splits_a_batch_by_its_stream_ids():
 def test_bad_env_counts_are_one_line(override, needle):
     with pytest.raises(ConfigError, match=needle):
         compose_config(["env=cartpole", override])
+
+
+# --------------------------------------------------------------------------- device-native
+
+
+def test_torchrl_pendulum_is_one_batched_env_with_the_gym_layout():
+    from dreamer_trl.envs import make_env
+
+    env = make_env({"suite": "torchrl", "task": "pendulum"}, seed=0, batch=4)
+    assert env.batch_size == (4,)
+    roll = env.rollout(205, break_when_any_done=False)
+    obs = roll["observation"]
+    assert obs.shape == (4, 205, 3) and obs.dtype == torch.float32
+    # (cos θ, sin θ) on the unit circle, as gym's Pendulum-v1 observes the angle.
+    assert torch.allclose(obs[..., 0] ** 2 + obs[..., 1] ** 2, torch.ones(4, 205))
+    # gym's 200-step limit, a truncation for every env; no termination ever.
+    truncated = roll["next", "truncated"].squeeze(-1)
+    assert truncated[:, 199].all() and truncated.sum() == 4
+    assert not roll["next", "terminated"].any()
+    # The four envs start from their own random states.
+    assert len({tuple(o.tolist()) for o in obs[:, 0]}) == 4
+
+
+def test_torchrl_pendulum_partial_reset_keeps_the_other_envs():
+    from dreamer_trl.envs import make_env
+
+    env = make_env({"suite": "torchrl", "task": "pendulum"}, seed=0, batch=3)
+    td = env.reset()
+    td["_reset"] = torch.tensor([[True], [False], [False]])
+    out = env.reset(td.clone(), set_state=False)
+    assert not torch.equal(out["observation"][0], td["observation"][0])
+    assert torch.equal(out["observation"][1:], td["observation"][1:])
+
+
+def test_batch_is_refused_for_suites_that_build_one_env():
+    from dreamer_trl.envs import make_env
+
+    with pytest.raises(ValueError, match="batch=2: suite 'gym' builds one env"):
+        make_env({"suite": "gym", "task": "CartPole-v1"}, batch=2)
+
+
+def test_device_native_pendulum_trains_with_its_envs_as_streams(tmp_path):
+    """The preset's envs (16, as one batched env on the collector's device) are 16 replay
+    streams; eval runs an unbatched env of the same suite."""
+    cfg = compose_config(tiny("torchrl_pendulum", "train.total_steps=256", "train.train_ratio=2"))
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.train(Tracker("native", run_name="r", enabled=False))["status"] == "FINISHED"
+    assert trainer.counters["updates"] > 0
+    steps = stored_steps(trainer)
+    assert torch.equal(torch.bincount(steps["stream"]), torch.full((16,), 16))
+    first = steps[steps["stream_step"] == 0]
+    assert first["is_first"].all() and len(first) == 16
+    assert len(trainer.returns) == 1  # the final eval ran
