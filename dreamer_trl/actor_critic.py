@@ -12,10 +12,12 @@ from torch import Tensor, nn
 from torchrl.modules.value_norm import PercentileValueNorm
 
 from .heads import TwoHotHead
+from .nets import Norm, apply_init
 
 
 class Critic(TwoHotHead):
-    """v(feat): 3-layer MLP → symexp two-hot over 255 bins, output init 0."""
+    """v(feat): 3-layer MLP → symexp two-hot over 255 bins, output init 0.
+    ``init``: see :func:`dreamer_trl.nets.apply_init`."""
 
     def __init__(
         self,
@@ -24,9 +26,11 @@ class Critic(TwoHotHead):
         layers: int = 3,
         num_bins: int = 255,
         bins: str = "symexp",
-        norm: str = "rms",
+        norm: Norm = "rms",
+        init: str = "fan_in",
     ):
         super().__init__(in_dim, units, layers, num_bins, 0.0, bins, norm)
+        apply_init(self, init)
 
 
 class SlowCritic(nn.Module):

@@ -16,6 +16,7 @@ from .compiling import compile_fn
 from .guard import NonFiniteGuard
 from .heads import Actor
 from .losses import DreamerV3Loss, total_loss
+from .nets import HiddenSpec
 from .optim import LaProp, zero_unless
 from .precision import resolve_dtype
 from .world_model import IntVector, ObsSpace, WorldModel
@@ -79,7 +80,9 @@ class DreamerV3Agent(nn.Module):
     returns the loss TensorDict (detached), whose ``deter``/``stoch`` [B, T] refresh
     the replay context. ``guard`` records, on device, any update whose losses or gradients
     were not finite (read it with ``guard.read()``: a host sync); such an update is skipped
-    (zero gradients, the return normaliser put back).
+    (zero gradients, the return normaliser put back). ``algo.train_<part>=false`` freezes
+    the world model, actor or critic (``trains``): its parameters, its optimiser state and
+    its own state (the actor's return normaliser, the critic's slow copy) stay bit for bit.
     """
 
     def __init__(
@@ -87,7 +90,10 @@ class DreamerV3Agent(nn.Module):
     ):
         super().__init__()
         self.obs_space, self.action_dim, self.discrete = obs_space, action_dim, discrete
-        norm = algo.get("norm", "rms")
+        norm = HiddenSpec(
+            algo.get("norm", "rms"), algo.get("norm_eps", 1e-4), algo.get("hidden_bias", True)
+        )
+        init = algo.get("init", "fan_in")
         self.world_model = WorldModel(
             obs_space,
             action_dim,
@@ -104,6 +110,18 @@ class DreamerV3Agent(nn.Module):
             bins=algo.get("bins", "symexp"),
             free_nats=algo.get("free_nats", 1.0),
             horizon=algo.get("horizon", 333),
+            enc_layers=algo.get("enc_layers", 3),
+            dec_layers=algo.get("dec_layers", 3),
+            reward_layers=algo.get("reward_layers", 1),
+            cont_layers=algo.get("cont_layers", 1),
+            prior_layers=algo.get("prior_layers", 2),
+            post_layers=algo.get("post_layers", 1),
+            vector_units=algo.get("vector_units"),
+            gru=algo.get("gru", "block"),
+            initial=algo.get("initial", "zeros"),
+            cnn=algo.get("cnn", "maxpool"),
+            init=init,
+            cont=algo.get("cont", "prob"),
         )
         feat = self.world_model.rssm.feat_dim
         act_cfg = algo.get("actor", {})
@@ -117,6 +135,8 @@ class DreamerV3Agent(nn.Module):
             act_cfg.get("minstd", 0.1),
             act_cfg.get("maxstd", 1.0),
             norm,
+            act_cfg.get("unimix", 0.0),
+            init,
         )
         self.critic = Critic(
             feat,
@@ -125,6 +145,7 @@ class DreamerV3Agent(nn.Module):
             algo.get("num_bins", 255),
             algo.get("bins", "symexp"),
             norm,
+            init,
         )
         retnorm = algo.get("retnorm", {})
         self.loss = DreamerV3Loss(
@@ -144,6 +165,8 @@ class DreamerV3Agent(nn.Module):
             imag_dtype=resolve_dtype(algo.get("imag_dtype", "auto")),  # auto: for the CPU
         )
         self.loss.set_keys(observations=tuple(obs_space.keys))
+        self.trains = trained_parts(algo)
+        self._freeze()
         self.optimizer = make_optimizer(self, algo.get("optim", {}))
         self._loss_fn = self._loss_and_grads
         self.guard = NonFiniteGuard()  # not a module/buffer: stays out of the state_dict
@@ -167,6 +190,14 @@ class DreamerV3Agent(nn.Module):
     ) -> DreamerV3Agent:
         dim, discrete = action_info(action_spec)
         return cls(obs_space_from_spec(observation_spec, obs_keys), dim, discrete, model, algo)
+
+    def _freeze(self) -> None:
+        """A frozen part's parameters take no gradient, so the optimiser, which steps only
+        tensors with one, never touches them or their moments (a zero-gradient step would
+        still move them by momentum). They stay in the optimiser, so checkpoints load
+        either way. Every loss is still computed and still trains the other parts."""
+        for part, on in self.trains.items():
+            getattr(self, part).requires_grad_(on)
 
     def trained_modules(self) -> list[nn.Module]:
         """The modules the optimiser trains (not the slow critic)."""
@@ -201,15 +232,33 @@ class DreamerV3Agent(nn.Module):
         losses_ok = self.guard.loss_flags(out)
         self.optimizer.step(finite=losses_ok.all())
         ok = self.guard.record(losses_ok, getattr(self.optimizer, "last_grads_finite", None))
+        keep = ok if self.trains["actor"] else torch.zeros_like(ok)
         for x, old in zip(self._forward_state(), before):
-            torch.where(ok, x, old, out=x)
-        self.loss.slow_critic.update(self.critic)
+            torch.where(keep, x, old, out=x)
+        if self.trains["critic"]:  # the slow critic is the critic's: frozen with it
+            self.loss.slow_critic.update(self.critic)
         return out.detach()
 
     def _forward_state(self) -> list[Tensor]:
-        """The buffers the loss's forward itself updates: the return normaliser's EMAs."""
+        """The buffers the loss's forward itself updates: the return normaliser's EMAs
+        (the actor's state: they scale only its advantages, so they freeze with it)."""
         norm = self.loss.actor_loss.return_norm
         return [norm.low, norm.high]
+
+
+PARTS = ("world_model", "actor", "critic")  # what algo.train_<part> can freeze
+
+
+def trained_parts(algo: Mapping) -> dict[str, bool]:
+    """``algo.train_world_model`` / ``train_actor`` / ``train_critic`` (default true):
+    which parts the updates move; at least one must."""
+    trains = {part: bool(algo.get(f"train_{part}", True)) for part in PARTS}
+    if not any(trains.values()):
+        raise ValueError(
+            "algo.train_world_model, algo.train_actor and algo.train_critic are all false: "
+            "no update would change anything; valid: at least one true"
+        )
+    return trains
 
 
 def make_optimizer(agent: DreamerV3Agent, cfg: Mapping) -> torch.optim.Optimizer:

@@ -20,6 +20,7 @@ from .distributions import (
     normal_entropy,
     normal_log_prob,
     sample_onehot,
+    unimix_logits,
 )
 from .functional import (
     fold_index,
@@ -30,7 +31,7 @@ from .functional import (
     twohot_decode_folded,
     twohot_nll,
 )
-from .nets import MLP, Linear
+from .nets import MLP, Linear, Norm, apply_init
 
 
 class TwoHotHead(nn.Module):
@@ -49,7 +50,7 @@ class TwoHotHead(nn.Module):
         num_bins: int = 255,
         outscale: float = 0.0,
         bins: str = "symexp",
-        norm: str = "rms",
+        norm: Norm = "rms",
     ):
         super().__init__()
         self.mlp = MLP(in_dim, units, layers, norm)
@@ -93,7 +94,7 @@ class BinaryHead(nn.Module):
     """MLP → one Bernoulli logit (continue flag)."""
 
     def __init__(
-        self, in_dim: int, units: int, layers: int, outscale: float = 1.0, norm: str = "rms"
+        self, in_dim: int, units: int, layers: int, outscale: float = 1.0, norm: Norm = "rms"
     ):
         super().__init__()
         self.mlp = MLP(in_dim, units, layers, norm)
@@ -166,6 +167,8 @@ class Actor(nn.Module):
     ``forward`` returns the distribution parameters as one tensor [..., P]:
     discrete → logits [..., A]; continuous → [mean, std] [..., 2A] (mean already
     tanh-squashed, std already bounded), so callers stay on plain tensors.
+    ``unimix`` mixes that much uniform into a discrete policy (the 2023 code: 0.01; the
+    reference: none); ``init``: see :func:`dreamer_trl.nets.apply_init`.
     """
 
     def __init__(
@@ -178,20 +181,24 @@ class Actor(nn.Module):
         outscale: float = 0.01,
         minstd: float = 0.1,
         maxstd: float = 1.0,
-        norm: str = "rms",
+        norm: Norm = "rms",
+        unimix: float = 0.0,
+        init: str = "fan_in",
     ):
         super().__init__()
         self.discrete, self.action_dim = discrete, action_dim
-        self.minstd, self.maxstd = minstd, maxstd
+        self.minstd, self.maxstd, self.unimix = minstd, maxstd, unimix
         self.mlp = MLP(in_dim, units, layers, norm)
         outs = action_dim if discrete else 2 * action_dim
         # Separate mean and std layers in the reference; one fused Linear is the same map.
         self.out = Linear(self.mlp.out_features, outs, outscale)
+        self.out.out_parts = (outs,) if discrete else (action_dim, action_dim)
+        apply_init(self, init)
 
     def forward(self, feat: Tensor) -> Tensor:
         x = self.out(self.mlp(feat))
         if self.discrete:
-            return log_softmax_small(x)
+            return unimix_logits(x, self.unimix) if self.unimix else log_softmax_small(x)
         # Both maps over the whole row, then a per-column select: the same values as
         # squashing each half, but a compiled kernel then runs over contiguous rows of 2A,
         # where halves of A (6 for walker) compile to scalar loops (about 0.36 against

@@ -193,7 +193,9 @@ class ActorLoss(LossModule):
         self._heads = compile_fn(imagined_heads, dynamic=False, **kwargs)
         self._actor_terms = compile_fn(actor_terms, dynamic=False, **kwargs)
 
-    def imagine_dynamics(self, deter: Tensor, stoch: Tensor) -> Imagination:
+    def imagine_dynamics(
+        self, deter: Tensor, stoch: Tensor, start_terminal: Tensor | None = None
+    ) -> Imagination:
         """Rollout with a graph through the dynamics (``actor_grad="dynamics"``)."""
         wm, actor = self.world_model, self.actor
         with frozen(wm, self.critic):
@@ -210,18 +212,25 @@ class ActorLoss(LossModule):
             reward = wm.reward.predict(wm.reward(feat))
             cont = torch.sigmoid(wm.cont(feat))
             value = self.critic.predict(self.critic(feat))
-        weight = torch.cumprod(cont, 1).detach()
+        cont, weight = discounts(wm, cont, start_terminal)
+        weight = weight.detach()
         ret = lambda_return(reward, cont, value, self.lam)
         extra = {"actor_params": torch.stack(params, 1)}
         return Imagination(feat, torch.stack(actions, 1), reward, cont, value, weight, ret, extra)
 
-    def rollout(self, deter: Tensor, stoch: Tensor) -> Imagination:
-        """The imagination this loss trains on (:meth:`imagine` or :meth:`imagine_dynamics`)."""
+    def rollout(
+        self, deter: Tensor, stoch: Tensor, start_terminal: Tensor | None = None
+    ) -> Imagination:
+        """The imagination this loss trains on (:meth:`imagine` or :meth:`imagine_dynamics`).
+        ``start_terminal`` [N]: the start states' real terminal flags, which only the
+        world model's ``cont="mode"`` reads (None: none terminal)."""
         if self.actor_grad == "dynamics":
-            return self.imagine_dynamics(deter, stoch)
-        return self.imagine(deter, stoch)
+            return self.imagine_dynamics(deter, stoch, start_terminal)
+        return self.imagine(deter, stoch, start_terminal)
 
-    def imagine(self, deter: Tensor, stoch: Tensor) -> Imagination:
+    def imagine(
+        self, deter: Tensor, stoch: Tensor, start_terminal: Tensor | None = None
+    ) -> Imagination:
         """No-grad rollout from N starts and the heads over its states, in the
         precision's dtype; rewards, continues and values come back in float32."""
         wm, low = self.world_model, self.precision
@@ -240,7 +249,7 @@ class ActorLoss(LossModule):
                 (wm.reward, self.critic),
                 feat,
             )
-        weight = torch.cumprod(cont, 1)
+        cont, weight = discounts(wm, cont, start_terminal)
         ret = lambda_return(reward, cont, value, self.lam)
         return Imagination(feat, action.float(), reward, cont, value, weight, ret)
 
@@ -248,10 +257,14 @@ class ActorLoss(LossModule):
         scale = self.return_norm(img.ret, update=update_norm)
         adv = (img.ret - img.value[:, :-1]) / scale
         weight = img.weight[:, :-1].detach()
-        if "actor_params" in img.extra:  # dynamics backprop: the return itself is the loss
+        if "actor_params" in img.extra:  # dynamics backprop: the advantage is the loss
+            # Its baseline v(s_t) keeps its graph too, as in the 2023 code (agent.py,
+            # ImagActorCritic.loss: 'backprop': -adv with adv = (R - v)/S, v unstopped):
+            # the actor is also pushed away from states the critic values highly, except
+            # that v(s_0) depends on no action.
             params = img.extra["actor_params"]
             ent = self.actor.entropy(params)
-            loss = weight * -(img.ret / scale + self.entropy * ent)
+            loss = weight * -(adv + self.entropy * ent)
             return loss.mean(1), self._metrics(img, ent, scale, adv)
         # One batched actor pass with a graph over the imagined states; the rollout's
         # actor calls ran without one.
@@ -412,7 +425,8 @@ class DreamerV3Loss(_DreamerLossBase):
         """Plain-tensor core: (unscaled per-item losses, metrics, deter, stoch)."""
         losses, feat, deter, stoch, metrics = self.wm_loss.observe(seq)
         b, t = deter.shape[:2]
-        img = self.actor_loss.rollout(deter.flatten(0, 1), stoch.flatten(0, 1))
+        term = seq.is_terminal.flatten(0, 1) if self.world_model.cont_mode else None
+        img = self.actor_loss.rollout(deter.flatten(0, 1), stoch.flatten(0, 1), term)
         losses["policy"], actor_metrics = self.actor_loss.policy_terms(img)
         losses["value"] = self.critic_loss.value_terms(img.detached())
         if self.repval:
@@ -436,6 +450,20 @@ def decode(net: torch.nn.Module, head, x: Tensor) -> Tensor:
     """Expected value [M] of two-hot logits ``net(x)`` (``net`` possibly a low-precision
     copy of ``head``), decoded in float32 (from logits in fold order: same values)."""
     return head.predict_folded(net.folded_logits(x).float())
+
+
+def discounts(
+    world_model: WorldModel, cont: Tensor, start_terminal: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(discount × continue, trajectory weight) of imagined states [N, H+1] from the continue
+    head's probabilities ``cont``. Reference: the probability itself (its target holds the
+    discount) and its cumulative product. ``cont="mode"`` (2023 code, agent.py imagine):
+    γ·mode with the start's real flag, and weight cumprod(γ·flag)/γ, so the start weighs
+    1 - terminal."""
+    if not world_model.cont_mode:
+        return cont, torch.cumprod(cont, 1)
+    cont = world_model.imagined_cont(cont, start_terminal)
+    return cont, torch.cumprod(cont, 1) / world_model.discount
 
 
 def imagined_heads(nets: tuple, heads: tuple, feat: Tensor) -> tuple[Tensor, Tensor, Tensor]:

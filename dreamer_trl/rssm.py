@@ -4,6 +4,9 @@ State: ``deter`` h [.., D] and ``stoch`` z [.., S, C] (S categoricals of C class
 one-hot). ``prior`` p(z | h) and ``post`` q(z | h, x) are logits [.., S, C] already mixed
 with ``unimix`` uniform (so they are log-probabilities). Shapes: B batch, T time,
 D deter, S stoch, C classes, A action dims, F token features, G blocks.
+
+The 2023 code's RSSM is two options: ``gru="plain"`` (one dense GRU, see :meth:`RSSM.core`)
+and ``initial="learned"`` (the state at ``is_first`` is learned, see :meth:`RSSM.restart`).
 """
 
 from __future__ import annotations
@@ -14,12 +17,25 @@ import torch
 from torch import Tensor, nn
 
 from .distributions import (
+    mode_onehot,
     sample_onehot_st,
     sample_unimix_classes_first,
     unimix_logits,
     unimix_probs,
 )
-from .nets import BlockLinear, HiddenLayer, Linear, block_matmul, make_norm, tanh
+from .nets import (
+    BlockLinear,
+    HiddenLayer,
+    Linear,
+    Norm,
+    block_matmul,
+    hidden_spec,
+    make_norm,
+    tanh,
+)
+
+GRUS = ("block", "plain")
+INITIALS = ("zeros", "learned")
 
 
 class RSSM(nn.Module):
@@ -33,23 +49,35 @@ class RSSM(nn.Module):
         classes: int = 4,
         blocks: int = 8,
         unimix: float = 0.01,
-        norm: str = "rms",
+        norm: Norm = "rms",
         imglayers: int = 2,
         obslayers: int = 1,
+        gru: str = "block",
+        initial: str = "zeros",
     ):
         super().__init__()
-        if deter % blocks:
+        if gru not in GRUS or initial not in INITIALS:
+            raise ValueError(
+                f"gru={gru!r}, initial={initial!r}; valid: gru in {GRUS}, initial in {INITIALS}"
+            )
+        if gru == "block" and deter % blocks:
             raise ValueError(f"deter={deter} must be divisible by blocks={blocks}")
         self.deter, self.stoch, self.classes, self.blocks = deter, stoch, classes, blocks
         self.unimix = unimix
-        # Core: deter, stoch and action each get their own layer; the concatenation is
-        # copied to every block beside that block's slice of deter.
-        self.dynin0 = HiddenLayer(deter, hidden, norm)
-        self.dynin1 = HiddenLayer(stoch * classes, hidden, norm)
-        self.dynin2 = HiddenLayer(action_dim, hidden, norm)
-        self.dynhid = BlockLinear(deter + 3 * hidden * blocks, deter, blocks)
-        self.dynhid_norm = make_norm(norm, deter)
-        self.dyngru = BlockLinear(deter, 3 * deter, blocks)
+        # Python flags, not tensors: each path is fixed at construction, so the
+        # reference's steps run exactly the ops they ran before these options existed.
+        self.plain, self.learned_initial = gru == "plain", initial == "learned"
+        if self.plain:
+            self._build_plain_gru(action_dim, hidden, norm)
+        else:
+            # Core: deter, stoch and action each get their own layer; the concatenation
+            # is copied to every block beside that block's slice of deter.
+            self.dynin0 = HiddenLayer(deter, hidden, norm)
+            self.dynin1 = HiddenLayer(stoch * classes, hidden, norm)
+            self.dynin2 = HiddenLayer(action_dim, hidden, norm)
+            self.dynhid = BlockLinear(deter + 3 * hidden * blocks, deter, blocks)
+            self.dynhid_norm = make_norm(norm, deter)
+            self.dyngru = BlockLinear(deter, 3 * deter, blocks)
         # Prior from deter alone; posterior from [deter, tokens].
         sizes = [deter] + [hidden] * imglayers
         self.prior_net = nn.Sequential(
@@ -61,19 +89,56 @@ class RSSM(nn.Module):
             HiddenLayer(a, b, norm) for a, b in zip(sizes[:-1], sizes[1:])
         )
         self.post_logit = Linear(hidden, stoch * classes)
+        if self.learned_initial:
+            # tanh(0) = 0: training starts from the zero deter of the reference.
+            self.initial_deter = nn.Parameter(torch.zeros(deter))
+
+    def _build_plain_gru(self, action_dim: int, hidden: int, norm: Norm) -> None:
+        """The 2023 code's core: one layer on [z, a], then one dense GRU layer on [h, x]
+        whose 3·D outputs (no bias where the spec has none, one norm over all three
+        gates) are the reset, candidate and update gates."""
+        d, spec = self.deter, hidden_spec(norm)
+        self.img_in = HiddenLayer(self.stoch * self.classes + action_dim, hidden, norm)
+        self.gru = Linear(d + hidden, 3 * d, bias=spec.bias)
+        self.gru.hidden = True
+        self.gru_norm = make_norm(spec, 3 * d)
 
     @property
     def feat_dim(self) -> int:
         return self.deter + self.stoch * self.classes
 
     def initial(self, batch: int, device=None) -> tuple[Tensor, Tensor]:
-        """Zero state: deter [B, D], stoch [B, S, C]."""
+        """Start state: deter [B, D], stoch [B, S, C]: zeros, or the learned one (no
+        gradient: it is what a stream stores before its first step, which restarts)."""
+        if self.learned_initial:
+            with torch.no_grad():
+                deter, stoch = self.learned_start()
+            return deter.expand(batch, -1).clone(), stoch.expand(batch, -1, -1).clone()
         deter = torch.zeros(batch, self.deter, device=device)
         return deter, torch.zeros(batch, self.stoch, self.classes, device=device)
 
+    def learned_start(self) -> tuple[Tensor, Tensor]:
+        """The 2023 code's learned initial state, [1, D] and [1, S, C]: deter =
+        tanh(parameter), stoch = the prior's mode there (one-hot argmax, no gradient)."""
+        deter = torch.tanh(self.initial_deter).unsqueeze(0)
+        logits = self.prior_logit(self.prior_net(deter)).unflatten(-1, (self.stoch, self.classes))
+        return deter, mode_onehot(logits).detach()
+
+    def restart(self, deter: Tensor, stoch: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+        """The state a step starts from: the carried one where ``keep`` [B, 1] is 1, the
+        start state where it is 0 (``is_first``): zeros, or the learned one."""
+        if not self.learned_initial:
+            return deter * keep, stoch * keep.unsqueeze(-1)
+        d0, s0 = self.learned_start()
+        first = 1.0 - keep
+        return deter * keep + first * d0, stoch * keep.unsqueeze(-1) + first.unsqueeze(-1) * s0
+
     def shared_weight(self) -> Tensor:
-        """x's share of every dynhid block as one dense [3·hidden, D] matrix. A copy of
-        the weight: loops build it once per rollout and pass it to :meth:`core`."""
+        """Block GRU: x's share of every dynhid block as one dense [3·hidden, D] matrix.
+        Plain GRU: stoch's share of ``img_in`` [hidden, S·C]. A copy of the weight: loops
+        build it once per rollout and pass it to :meth:`core`."""
+        if self.plain:
+            return self.img_in.linear.weight[:, : self.stoch * self.classes].contiguous()
         k = self.deter // self.blocks
         w = self.dynhid.weight[:, k:, :]
         return w.transpose(0, 1).reshape(w.shape[1], self.deter)
@@ -86,8 +151,11 @@ class RSSM(nn.Module):
         Block g of ``dynhid`` sees [deter slice g, x] where x = [dynin0(h), dynin1(z),
         act_emb] is shared by all blocks, so x's share of every block is one dense
         matmul and only deter's share is block-diagonal. Each block of ``dyngru`` emits
-        its slice of the reset, candidate and update gates.
+        its slice of the reset, candidate and update gates. ``gru="plain"``: see
+        :meth:`plain_core`.
         """
+        if self.plain:
+            return self.plain_core(deter, stoch, act_emb, w_shared)
         n, g = deter.shape[0], self.blocks
         k = self.deter // g
         x = torch.cat([self.dynin0(deter), self.dynin1(stoch.flatten(-2)), act_emb], -1)
@@ -102,9 +170,31 @@ class RSSM(nn.Module):
         deter = deter.view(n, g, k)
         return (update * cand + (1.0 - update) * deter).view(n, self.deter)
 
+    def plain_core(
+        self, deter: Tensor, stoch: Tensor, act_emb: Tensor, w_shared: Tensor | None = None
+    ) -> Tensor:
+        """The 2023 code's GRU step, ``act_emb`` = a's share of ``img_in`` (pre-norm):
+
+        x = SiLU(norm(W_in·[z, a] + b)); [r, c, u] = norm(W·[h, x] + b) split in thirds;
+        c = tanh(σ(r)·c); u = σ(u − 1); h' = u·c + (1 − u)·h.
+        """
+        w = self.shared_weight() if w_shared is None else w_shared
+        layer = self.img_in
+        x = nn.functional.linear(stoch.flatten(-2), w, layer.linear.bias) + act_emb
+        x = nn.functional.silu(layer.norm(x))
+        gates = self.gru_norm(self.gru(torch.cat([deter, x], -1)))
+        reset, cand, update = gates.chunk(3, -1)
+        cand = tanh(torch.sigmoid(reset) * cand)
+        update = torch.sigmoid(update - 1.0)
+        return update * cand + (1.0 - update) * deter
+
     def embed_action(self, action: Tensor) -> Tensor:
-        """dynin2(a / max(1, |a|)): large actions are squashed to magnitude ≤ 1."""
+        """dynin2(a / max(1, |a|)): large actions are squashed to magnitude ≤ 1. Plain
+        GRU: the action's share of ``img_in``'s matmul (its norm needs z's share too)."""
         action = action / action.detach().abs().clamp(min=1.0)
+        if self.plain:
+            w = self.img_in.linear.weight[:, self.stoch * self.classes :]
+            return nn.functional.linear(action, w)
         return self.dynin2(action)
 
     def prior(self, deter: Tensor) -> Tensor:
@@ -266,7 +356,7 @@ def observe_step(
     w_shared: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One filtering step of :meth:`RSSM.observe`; ``keep`` [B, 1] is 0 at episode starts."""
-    deter = rssm.core(deter * keep, stoch * keep.unsqueeze(-1), act_emb, w_shared)
+    deter = rssm.core(*rssm.restart(deter, stoch, keep), act_emb, w_shared)
     post = rssm._post_from_parts(deter, token_part)
     return deter, sample_onehot_st(post), post
 

@@ -16,8 +16,20 @@ from torchrl.data import Bounded, Categorical, MultiCategorical, TensorSpec
 from .distributions import categorical_entropy, categorical_kl
 from .functional import symlog
 from .heads import BinaryHead, CategoricalVectorHead, TwoHotHead
-from .nets import MLP, ConvDecoder, ConvEncoder, Linear
+from .nets import (
+    MLP,
+    ConvDecoder,
+    ConvEncoder,
+    Linear,
+    Norm,
+    StrideConvDecoder,
+    StrideConvEncoder,
+    apply_init,
+)
 from .rssm import RSSM
+
+CNNS = ("maxpool", "stride")  # the reference's image nets | the 2023 code's
+CONTS = ("prob", "mode")  # how imagination reads the continue head (WorldModel.cont_mode)
 
 # Most classes one element of an integer observation may have. A wider one-hot is too sparse
 # to learn from; the envs give such vectors (e.g. an int32 Box over its whole range) as floats.
@@ -115,7 +127,7 @@ class IntegerOneHot(nn.Module):
 
 class MultiEncoder(nn.Module):
     """obs dict → tokens [N, F]: [symlog(vectors), one-hot(integers)] → MLP, images → CNN,
-    concatenated."""
+    concatenated. ``cnn``: ``maxpool`` (reference) | ``stride`` (the 2023 code's)."""
 
     def __init__(
         self,
@@ -123,8 +135,9 @@ class MultiEncoder(nn.Module):
         units: int,
         layers: int,
         depth: int,
-        norm: str = "rms",
+        norm: Norm = "rms",
         symlog_inputs: bool = True,
+        cnn: str = "maxpool",
     ):
         super().__init__()
         self.space, self.symlog_inputs = space, symlog_inputs
@@ -138,7 +151,10 @@ class MultiEncoder(nn.Module):
             self.out_features += units
         if self.img_keys:
             c, h, _ = _stack_images(space)
-            self.cnn = ConvEncoder(c, h, depth, norm=norm)
+            if cnn == "stride":
+                self.cnn = StrideConvEncoder(c, h, depth, norm)
+            else:
+                self.cnn = ConvEncoder(c, h, depth, norm=norm)
             self.out_features += self.cnn.out_features
 
     def forward(self, obs: dict[str, Tensor]) -> Tensor:
@@ -171,20 +187,27 @@ class MultiDecoder(nn.Module):
         units: int,
         layers: int,
         depth: int,
-        norm: str = "rms",
+        norm: Norm = "rms",
         blocks: int = 8,
+        cnn: str = "maxpool",
+        vector_units: int | None = None,
     ):
         super().__init__()
         self.space, self.deter = space, deter
         self.vec_keys, self.img_keys = sorted(space.vectors), sorted(space.images)
         self.int_keys = sorted(space.integers)
+        vec_units = vector_units or units
         if self.vec_keys or self.int_keys:
-            self.mlp = MLP(deter + stoch, units, layers, norm)
+            self.mlp = MLP(deter + stoch, vec_units, layers, norm)
         if self.vec_keys:
-            self.vec_out = Linear(units, sum(space.vectors.values()))
+            self.vec_out = Linear(vec_units, sum(space.vectors.values()))
+            self.vec_out.out_parts = tuple(space.vectors[k] for k in self.vec_keys)
         if self.int_keys:
             self.int_heads = nn.ModuleDict(
-                {k: CategoricalVectorHead(units, space.integers[k].classes) for k in self.int_keys}
+                {
+                    k: CategoricalVectorHead(vec_units, space.integers[k].classes)
+                    for k in self.int_keys
+                }
             )
             # The targets' class indices, from the same bounds the encoder one-hots with.
             self.onehots = nn.ModuleDict(
@@ -192,7 +215,10 @@ class MultiDecoder(nn.Module):
             )
         if self.img_keys:
             c, h, _ = _stack_images(space)
-            self.cnn = ConvDecoder(deter, stoch, c, h, depth, units, norm=norm, blocks=blocks)
+            if cnn == "stride":
+                self.cnn = StrideConvDecoder(deter + stoch, c, h, depth, norm)
+            else:
+                self.cnn = ConvDecoder(deter, stoch, c, h, depth, units, norm=norm, blocks=blocks)
 
     def forward(self, feat: Tensor) -> dict[str, Tensor]:
         """Predictions per key: vectors in symlog space, integers as log-probabilities
@@ -239,7 +265,17 @@ def _stack_images(space: ObsSpace) -> tuple[int, int, int]:
 
 
 class WorldModel(nn.Module):
-    """Encoder + RSSM + decoder + reward and continue heads, with the world-model loss."""
+    """Encoder + RSSM + decoder + reward and continue heads, with the world-model loss.
+
+    Structure options (defaults: the reference; the 2023 code's in brackets): layer counts
+    ``enc_layers``/``dec_layers`` 3 [5], ``reward_layers``/``cont_layers`` 1 [2 at its
+    size S], ``prior_layers`` 2 [1], ``post_layers`` 1 [1]; ``vector_units`` of the vector
+    encoder/decoder MLPs, None = ``units`` [1024 at every size]; ``gru`` and ``initial``
+    of the RSSM; ``cnn``; ``init`` (:func:`dreamer_trl.nets.apply_init`); ``cont``:
+    ``prob`` — the continue target is (1 - terminated)·(1 - 1/horizon) and imagination
+    reads the predicted probability — or [``mode``]: the target is 1 - terminated and
+    imagination reads the head's mode times 1 - 1/horizon (:meth:`imagined_cont`).
+    """
 
     def __init__(
         self,
@@ -254,17 +290,31 @@ class WorldModel(nn.Module):
         stoch: int = 32,
         blocks: int = 8,
         unimix: float = 0.01,
-        norm: str = "rms",
+        norm: Norm = "rms",
         num_bins: int = 255,
         bins: str = "symexp",
         free_nats: float = 1.0,
         horizon: int = 333,
         enc_layers: int = 3,
         dec_layers: int = 3,
+        reward_layers: int = 1,
+        cont_layers: int = 1,
+        prior_layers: int = 2,
+        post_layers: int = 1,
+        vector_units: int | None = None,
+        gru: str = "block",
+        initial: str = "zeros",
+        cnn: str = "maxpool",
+        init: str = "fan_in",
+        cont: str = "prob",
     ):
         super().__init__()
+        if cnn not in CNNS or cont not in CONTS:
+            raise ValueError(f"cnn={cnn!r}, cont={cont!r}; valid: cnn in {CNNS}, cont in {CONTS}")
         self.space, self.free_nats, self.horizon = space, free_nats, horizon
-        self.encoder = MultiEncoder(space, units, enc_layers, depth, norm)
+        self.cont_mode = cont == "mode"
+        vec_units = vector_units or units
+        self.encoder = MultiEncoder(space, vec_units, enc_layers, depth, norm, cnn=cnn)
         self.rssm = RSSM(
             action_dim,
             self.encoder.out_features,
@@ -275,17 +325,40 @@ class WorldModel(nn.Module):
             blocks,
             unimix,
             norm,
+            prior_layers,
+            post_layers,
+            gru,
+            initial,
         )
         feat = self.rssm.feat_dim
         self.decoder = MultiDecoder(
-            space, deter, stoch * classes, units, dec_layers, depth, norm, blocks
+            space, deter, stoch * classes, units, dec_layers, depth, norm, blocks, cnn, vec_units
         )
-        self.reward = TwoHotHead(feat, units, 1, num_bins, 0.0, bins, norm)
-        self.cont = BinaryHead(feat, units, 1, 1.0, norm)
+        self.reward = TwoHotHead(feat, units, reward_layers, num_bins, 0.0, bins, norm)
+        self.cont = BinaryHead(feat, units, cont_layers, 1.0, norm)
+        apply_init(self, init)
+
+    @property
+    def discount(self) -> float:
+        return 1.0 - 1.0 / self.horizon
 
     def cont_target(self, terminated: Tensor) -> Tensor:
-        """(1 - terminated)·(1 - 1/horizon): the continue head doubles as the discount."""
-        return (1.0 - terminated.float()) * (1.0 - 1.0 / self.horizon)
+        """(1 - terminated)·(1 - 1/horizon): the continue head doubles as the discount.
+        ``cont="mode"``: 1 - terminated (the discount is applied in imagination)."""
+        alive = 1.0 - terminated.float()
+        return alive if self.cont_mode else alive * self.discount
+
+    def imagined_cont(self, prob: Tensor, start_terminal: Tensor | None) -> Tensor:
+        """``cont="mode"``: the discount × continue flag of imagined states [N, H+1] from
+        the head's probabilities ``prob``: 1 where it predicts continuing (mode, no
+        gradient) and, at the start state, the real flag (``start_terminal`` [N]; None:
+        not terminal), as the 2023 code reads them."""
+        flag = (prob > 0.5).to(prob.dtype)
+        if start_terminal is not None:
+            flag = torch.cat([1.0 - start_terminal.to(prob.dtype)[:, None], flag[:, 1:]], 1)
+        else:
+            flag = torch.cat([torch.ones_like(flag[:, :1]), flag[:, 1:]], 1)
+        return self.discount * flag
 
     def kl_losses(self, post: Tensor, prior: Tensor) -> tuple[Tensor, Tensor]:
         """dyn = KL(sg(post) || prior), rep = KL(post || sg(prior)), each summed over the

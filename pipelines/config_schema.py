@@ -35,7 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipelines.common import ConfigError
 
 # dreamer_trl.envs.SUITES, repeated so that validating imports no torch (a test keeps them equal).
-SUITES = ("gym", "dmc", "atari", "crafter")
+SUITES = ("gym", "dmc", "atari", "crafter", "torchrl")
 DTYPES = ("float32", "bfloat16")  # dreamer_trl.precision.DTYPES, likewise
 LATENT_DTYPES = ("float16", "bfloat16", "float32")  # dreamer_trl.replay._dtype, likewise
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -163,6 +163,7 @@ class ActorConfig:
     outscale: float = spec(0.01, ge=0)
     minstd: float = spec(0.1, gt=0)
     maxstd: float = spec(1.0, gt=0)
+    unimix: float = spec(0.0, ge=0, le=1, optional=True)  # configs saved before it
 
 
 @dataclass
@@ -206,10 +207,29 @@ class AlgoConfig:
     actor_grad: str = spec("reinforce", choices=("reinforce", "dynamics", "auto"))
     imag_dtype: str = spec("auto", choices=("auto", *DTYPES))
     critic_layers: int = positive(3)
+    train_world_model: bool = spec(True)
+    train_actor: bool = spec(True)
+    train_critic: bool = spec(True)
     loss_scales: LossScales = spec(factory=LossScales)
     retnorm: RetNorm = spec(factory=RetNorm)
     actor: ActorConfig = spec(factory=ActorConfig)
     optim: OptimConfig = spec(factory=OptimConfig)
+    # Network structure (dreamer_trl.agent; the 2023 code's in algo=dreamerv3_2023). Optional:
+    # configs saved before these keys existed built the reference's structure.
+    gru: str = spec("block", choices=("block", "plain"), optional=True)
+    initial: str = spec("zeros", choices=("zeros", "learned"), optional=True)
+    init: str = spec("fan_in", choices=("fan_in", "fan_avg"), optional=True)
+    cnn: str = spec("maxpool", choices=("maxpool", "stride"), optional=True)
+    cont: str = spec("prob", choices=("prob", "mode"), optional=True)
+    norm_eps: float = spec(1e-4, gt=0, optional=True)
+    hidden_bias: bool = spec(True, optional=True)
+    enc_layers: int = spec(3, ge=1, optional=True)
+    dec_layers: int = spec(3, ge=1, optional=True)
+    reward_layers: int = spec(1, ge=0, optional=True)
+    cont_layers: int = spec(1, ge=0, optional=True)
+    prior_layers: int = spec(2, ge=1, optional=True)
+    post_layers: int = spec(1, ge=1, optional=True)
+    vector_units: int | None = spec(None, ge=1, optional=True)
 
 
 # --------------------------------------------------------------------------- config.yaml
@@ -278,6 +298,10 @@ class TrackingConfig:
     experiment: str | None = spec(None)
     uri: str | None = spec(None)
     continue_: bool = spec(False, key="continue", optional=True)
+    log_model: bool = spec(True, optional=True)
+    register: str | None = spec(
+        None, pattern=NAME, desc="a name of letters, digits, '_', '.' and '-'", optional=True
+    )
 
 
 @dataclass
@@ -352,6 +376,18 @@ RULES: tuple[Rule, ...] = (
         "must be >= algo.actor.minstd={algo.actor.minstd}",
     ),
     Rule(
+        "algo.train_world_model",
+        "algo.train_world_model or algo.train_actor or algo.train_critic",
+        "with algo.train_actor=false and algo.train_critic=false too, no update would "
+        "change anything: valid: at least one of the three true",
+    ),
+    Rule(
+        "algo.cnn",
+        "algo.get('cnn') != 'stride' or env.image_size in (64, 128, 256)",
+        "needs env.image_size 64, 128 or 256 (it is {env.image_size}): the stride-2 CNN "
+        "halves the image down to 4x4",
+    ),
+    Rule(
         "env.task",
         "env.suite != 'dmc' or '-' in env.task",
         "must be 'domain-task' with env.suite=dmc, e.g. walker-walk",
@@ -360,6 +396,11 @@ RULES: tuple[Rule, ...] = (
         "env.task",
         "env.suite != 'crafter' or env.task in ('reward', 'noreward')",
         "must be reward or noreward with env.suite=crafter",  # dreamer_trl.envs.CRAFTER_TASKS
+    ),
+    Rule(
+        "env.task",
+        "env.suite != 'torchrl' or env.task in ('pendulum',)",
+        "must be pendulum with env.suite=torchrl",  # dreamer_trl.device_envs.TASKS
     ),
 )
 CUDA_KEYS = ("device", "replay.device", "collector.device")

@@ -257,10 +257,11 @@ def test_paper2023_config_updates(discrete):
     algo = OmegaConf.to_container(compose_config(["algo=dreamerv3_2023"]).algo)
     assert algo["norm"] == "layer" and algo["bins"] == "symlog"
     assert algo["loss_scales"]["dyn"] == 0.5 and algo["optim"]["name"] == "adam"
+    algo["vector_units"] = 16  # 2023's 1024 (tests/test_algo_2023.py) takes seconds to init
     model = dict(deter=64, hidden=16, classes=4, units=16, depth=2)
     agent = DreamerV3Agent(ObsSpace({"observation": 24}, {}), 6, discrete, model, algo)
     assert agent.loss.actor_loss.actor_grad == ("reinforce" if discrete else "dynamics")
-    assert isinstance(agent.world_model.rssm.dynin0.norm, torch.nn.LayerNorm)
+    assert isinstance(agent.world_model.rssm.img_in.norm, torch.nn.LayerNorm)  # plain GRU
     batch = synthetic_batch(2, 8, {"observation": (24,)}, 6, 64, 4, "cpu")
     before = [p.clone() for p in agent.actor.parameters()]
     for _ in range(2):  # Adam's first step moves every parameter that has a gradient
