@@ -11,6 +11,13 @@ where they, or the ``finite`` flag it is given, are not finite, the update's gra
 as zeros — selected on device, no host sync — so the moments and the weights stay finite
 (the weights still move by the decayed momentum, as for any zero gradient).
 ``last_grads_finite`` keeps the gradients' flag for the caller's guard.
+
+Frozen tensors (no gradient: ``algo.train_<part>=false``) are not stepped at all: their
+moments and weights stay bit for bit. A tensor that takes its first gradient after the
+group has stepped (a part unfrozen later) has its moments bias-corrected from its own first
+step (``state["start"]``, the group's updates before it), not the group's: corrected with
+the group's count, its fresh ν would be read as settled and its first updates would be
+~3× too large.
 """
 
 from __future__ import annotations
@@ -37,13 +44,18 @@ class LaProp(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, agc=agc, pmin=pmin, warmup=warmup)
         super().__init__(params, defaults)
 
-    def _group_state(self, group: dict, params: list[Tensor]) -> tuple[list, list]:
+    def _group_state(self, group: dict, params: list[Tensor]) -> tuple[list, list, list]:
+        """(ν, μ, start) of each tensor; ``start``: the group's updates before its first
+        (checkpoints from before it was kept: 0)."""
         for p in params:
             state = self.state[p]
             if not state:
                 state["nu"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["mu"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return [self.state[p]["nu"] for p in params], [self.state[p]["mu"] for p in params]
+                state["start"] = group.get("step", 0)
+        states = [self.state[p] for p in params]
+        starts = [s.get("start", 0) for s in states]
+        return [s["nu"] for s in states], [s["mu"] for s in states], starts
 
     def current_lr(self, group: dict) -> float:
         done = group.get("step", 0)  # updates already applied before this one
@@ -73,22 +85,45 @@ class LaProp(torch.optim.Optimizer):
             # these selects leave their input unchanged (bit for bit).
             zero_unless(ok, grads)
             gnorm = torch.where(ok, gnorm, 0.0)  # the zeroed gradients' norms
-            nu, mu = self._group_state(group, params)
+            nu, mu, starts = self._group_state(group, params)
             if group["agc"]:
                 grads = _agc(params, grads, gnorm, group["agc"], group["pmin"])
             lr = self.current_lr(group)
             group["step"] = group.get("step", 0) + 1
-            t = group["step"]
-            beta1, beta2 = group["betas"]
-            torch._foreach_mul_(nu, beta2)
-            torch._foreach_addcmul_(nu, grads, grads, value=1.0 - beta2)
-            denom = torch._foreach_div(nu, 1.0 - beta2**t)
-            torch._foreach_sqrt_(denom)
-            torch._foreach_add_(denom, group["eps"])
-            torch._foreach_lerp_(mu, torch._foreach_div(grads, denom), 1.0 - beta1)
-            if lr:
-                torch._foreach_add_(params, mu, alpha=-lr / (1.0 - beta1**t))
+            for start, index in _by_start(starts):
+                lists = [_pick(xs, index) for xs in (params, grads, nu, mu)]
+                _moments_and_step(*lists, group["step"] - start, lr, group)
         return loss
+
+
+def _by_start(starts: list[int]) -> list[tuple[int, list[int] | None]]:
+    """Tensors grouped by first step: [(start, indices)], indices None for all of them
+    (the usual case: every tensor started together)."""
+    if all(s == starts[0] for s in starts):
+        return [(starts[0], None)]
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(starts):
+        groups.setdefault(s, []).append(i)
+    return list(groups.items())
+
+
+def _pick(xs: list, index: list[int] | None) -> list:
+    return xs if index is None else [xs[i] for i in index]
+
+
+def _moments_and_step(
+    params: list[Tensor], grads: list[Tensor], nu: list, mu: list, t: int, lr: float, group: dict
+) -> None:
+    """RMS scaling then momentum, bias-corrected for ``t`` updates, and the weight step."""
+    beta1, beta2 = group["betas"]
+    torch._foreach_mul_(nu, beta2)
+    torch._foreach_addcmul_(nu, grads, grads, value=1.0 - beta2)
+    denom = torch._foreach_div(nu, 1.0 - beta2**t)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, group["eps"])
+    torch._foreach_lerp_(mu, torch._foreach_div(grads, denom), 1.0 - beta1)
+    if lr:
+        torch._foreach_add_(params, mu, alpha=-lr / (1.0 - beta1**t))
 
 
 def zero_unless(ok: Tensor, tensors: list[Tensor]) -> None:

@@ -1,0 +1,780 @@
+"""Stored experience in and out of the replay the agent trains from.
+
+In (:func:`load_dataset`): a Minari dataset (a path, or the id of a local one: nothing is
+downloaded) or a dreamer_trl run's replay (a run dir or checkpoint). Both are rewritten in
+the collector's transition layout and go through :meth:`StepReplay.extend`, the path online
+data takes, so one function (:func:`sequence.transitions_to_steps`) builds the reference's
+steps for all of them:
+
+    Minari episode (T steps)          reference steps t = 0..T
+    observations o_0 … o_T            step t holds o_t
+    actions      a_0 … a_{T-1}        and the action taken there (zeros at t = T)
+    rewards      r(a_0) … r(a_{T-1})  and the reward that came with o_t (0 at t = 0)
+    terminations / truncations        is_first at t = 0, is_last at t = T,
+      (set at the last step only)     is_terminal = terminated (a truncation is not one)
+
+Every episode of a dataset is one stream of steps, episode after episode, as one env's
+are; a dataset's streams are numbered from ``DATASET_STREAM`` so they never join a
+collector's. Stored data has no acting posteriors: its steps' latents are zeros until
+training writes its posteriors back (replay context), as for a fresh online step's
+final observation.
+
+Observation and action spaces are mapped as :mod:`dreamer_trl.envs` maps an env's (float
+vectors, integer spaces one-hot encoded, uint8 HxWxC images as "pixels" [C, H, W]; Discrete
+actions one-hot, Box actions scaled onto [-1, 1]) and checked against the agent as an env's
+specs are. Bad input is a :class:`DatasetError`, one line naming what is wrong and what fits.
+
+Out (:func:`export_minari`): a run's stored episodes → a Minari dataset (hdf5, images stored
+raw) with the env's own spaces: actions clipped and scaled back onto the env's bounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import warnings
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import Bounded, Composite, OneHot, TensorSpec, Unbounded
+
+from .agent import DreamerV3Agent, action_info, obs_space_from_spec
+from .checkpoint import REPLAY_DIR, CheckpointError, load_checkpoint, verified_checkpoint
+from .envs import SUPPORTED_SPACES, _is_image, _supported_action_space, integer_bounds, make_env
+from .replay import DUMP_FORMAT, DUMP_INFO, STEPS_DIR, StepReplay
+from .transforms import INCOMING_REWARD
+from .world_model import ObsSpace
+
+# Stream ids of stored experience start here: above any collector's env index (device-
+# batched envs number thousands of streams), so a dataset never continues an env stream.
+DATASET_STREAM = 1 << 20
+METADATA = "metadata.json"  # Minari's file in a dataset's data/ dir
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be trained from, or a run that cannot be exported: one line."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What :func:`load_dataset` put into the replay."""
+
+    name: str
+    kind: str  # "minari" or "run"
+    episodes: int  # complete episodes (a run's replay may also hold partial ones)
+    steps: int  # steps added to the replay
+    streams: tuple[int, ...]
+
+
+# --------------------------------------------------------------------------- in
+
+
+def load_dataset(
+    source: str | Path,
+    agent: DreamerV3Agent,
+    replay: StepReplay,
+    *,
+    stream: int = DATASET_STREAM,
+    queue: bool = False,
+) -> DatasetInfo:
+    """Add the steps of ``source`` (Minari path or local id, run dir or checkpoint) to
+    ``replay``, after checking its spaces against ``agent``'s.
+
+    ``queue``: also put its sequences in the online queue (a batch takes queued sequences
+    first, so the first updates would sweep the whole dataset in order and online steps
+    would wait behind it); by default the dataset is sampled uniformly only.
+    """
+    src = open_dataset(source)
+    check_fits(src, agent)
+    if src.size > replay.capacity:
+        raise DatasetError(
+            f"dataset {src.name} gives {src.size:,} steps, more than the replay holds "
+            f"(capacity {replay.capacity:,}); valid: replay.capacity >= {src.size:,}"
+        )
+    batches = src.transitions(agent.world_model.rssm.initial)
+    added, streams = 0, set()
+    while True:
+        with _readable(src.name):  # reading the source, not writing the replay
+            item = next(batches, None)
+        if item is None:
+            break
+        offset, transitions = item
+        added += replay.extend(transitions, stream=stream + offset)
+        streams.add(stream + offset)
+    if not queue:
+        # The online queue is public state of StepReplay; its pending tails of these
+        # streams stay (under T+1 indices each) and are never completed.
+        replay.queue = deque(entry for entry in replay.queue if entry[0] not in streams)
+    return DatasetInfo(src.name, src.kind, src.episodes, added, tuple(sorted(streams)))
+
+
+def open_dataset(source: str | Path) -> MinariSource | RunSource:
+    """The source behind a path (Minari dataset dir, run dir, checkpoint) or a local
+    Minari id; DatasetError (one line) when it is none of these, empty or unreadable."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return MinariSource.from_id(str(source))
+    data = minari_data_dir(path)
+    if data is not None:
+        return MinariSource.from_path(data, str(source))
+    try:
+        return RunSource(path, str(source))
+    except CheckpointError as err:
+        if "no checkpoint" not in str(err):
+            raise DatasetError(f"dataset={source}: {err}") from None
+        raise DatasetError(
+            f"dataset={source} is neither a Minari dataset (a dir with data/{METADATA}) nor "
+            "a dreamer_trl run dir or checkpoint (checkpoints/latest, step_<N>/state.pt)"
+        ) from None
+
+
+def check_fits(src: MinariSource | RunSource, agent: DreamerV3Agent) -> None:
+    """Raise DatasetError unless the source's observations and actions are the agent's."""
+    try:
+        have = obs_space_from_spec(src.observation_spec, src.obs_keys)
+        dim, discrete = action_info(src.action_spec)
+    except ValueError as err:
+        raise DatasetError(f"dataset {src.name}: {err}") from None
+    if have != agent.obs_space:
+        raise DatasetError(
+            f"dataset {src.name} does not fit the agent: it observes {describe_obs(have)}, "
+            f"the agent reads {describe_obs(agent.obs_space)}"
+        )
+    if (dim, discrete) != (agent.action_dim, agent.discrete):
+        raise DatasetError(
+            f"dataset {src.name} does not fit the agent: its actions are "
+            f"{describe_action(dim, discrete)}, the agent's are "
+            f"{describe_action(agent.action_dim, agent.discrete)}"
+        )
+
+
+def describe_obs(space: ObsSpace) -> str:
+    parts = [f"{k} float [{n}]" for k, n in sorted(space.vectors.items())]
+    parts += [
+        f"{k} integer [{v.size}] with {'/'.join(map(str, sorted(set(v.classes))))} classes"
+        for k, v in sorted(space.integers.items())
+    ]
+    parts += [f"{k} uint8 {list(s)}" for k, s in sorted(space.images.items())]
+    return ", ".join(parts) or "nothing"
+
+
+def describe_action(dim: int, discrete: bool) -> str:
+    return f"discrete ({dim} choices)" if discrete else f"continuous [{dim}]"
+
+
+@contextlib.contextmanager
+def _readable(name: str) -> Iterator[None]:
+    """Reading errors of the storage libraries (h5py, json, Minari's asserts) → one line."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AssertionError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DatasetError(
+            f"dataset {name} is corrupt or unreadable ({first}); valid: a Minari dataset that "
+            "minari.load_dataset reads, or a verified dreamer_trl checkpoint"
+        ) from None
+
+
+# --------------------------------------------------------------------------- Minari
+
+
+def minari_data_dir(path: Path) -> Path | None:
+    """The data/ dir of a Minari dataset at ``path`` (the dataset dir or data/ itself)."""
+    if (path / METADATA).is_file() and path.name == "data":
+        return path
+    if (path / "data" / METADATA).is_file():
+        return path / "data"
+    return None
+
+
+class MinariSource:
+    """A Minari dataset: its spaces as agent specs, its episodes as transitions."""
+
+    kind = "minari"
+
+    def __init__(self, dataset: Any, name: str):
+        self.dataset, self.name = dataset, name
+        self.episodes = int(dataset.total_episodes)
+        if self.episodes == 0 or int(dataset.total_steps) == 0:
+            raise DatasetError(
+                f"dataset {name} is empty ({self.episodes} episodes, {dataset.total_steps} "
+                "steps): nothing to train on; valid: a dataset with at least one episode"
+            )
+        self.size = int(dataset.total_steps) + self.episodes  # T+1 steps per episode
+        obs = ObservationMap.of(dataset.observation_space, name)
+        self.obs_map, self.act_map = obs, ActionMap.of(dataset.action_space, name)
+        self.obs_keys = [obs.key]
+        self.observation_spec = Composite({obs.key: obs.spec})
+        self.action_spec = self.act_map.spec
+
+    @classmethod
+    def from_path(cls, data_dir: Path, name: str) -> MinariSource:
+        minari = _import_minari()
+        with _readable(name):
+            return cls(minari.MinariDataset(data_dir), name)
+
+    @classmethod
+    def from_id(cls, dataset_id: str) -> MinariSource:
+        minari = _import_minari()
+        try:
+            dataset = minari.load_dataset(dataset_id, download=False)
+        except FileNotFoundError:
+            raise DatasetError(_not_found(dataset_id)) from None
+        except (OSError, ValueError, KeyError, AssertionError) as err:
+            raise DatasetError(
+                f"dataset {dataset_id} is corrupt or unreadable ({str(err).splitlines()[0]}); "
+                "valid: a Minari dataset that minari.load_dataset reads"
+            ) from None
+        with _readable(dataset_id):
+            return cls(dataset, dataset_id)
+
+    def transitions(self, initial) -> Iterator[tuple[int, TensorDictBase]]:
+        """(stream offset 0, transitions [T]) per episode, in the dataset's order."""
+        for episode in self.dataset.iterate_episodes():
+            if len(episode.rewards):  # an episode of 0 steps gives no transition
+                yield 0, self.episode_transitions(episode, initial)
+
+    def episode_transitions(self, episode: Any, initial) -> TensorDictBase:
+        """One episode in the collector's layout: root o_t, a_t, the reward that came with
+        o_t and is_init; under "next" o_{t+1}, its reward, done/terminated, the latents."""
+        n = len(episode.rewards)
+        obs = self.obs_map.convert(episode.observations, n + 1)
+        terminated = _episode_end(episode, n, self.name)
+        reward = torch.as_tensor(np.asarray(episode.rewards), dtype=torch.float32).reshape(n, 1)
+        flag = torch.zeros(n, 1, dtype=torch.bool)
+        first, done, term = flag.clone(), flag.clone(), flag.clone()
+        first[0], done[-1], term[-1] = True, True, terminated
+        deter, stoch = initial(n)
+        nxt = TensorDict(
+            {
+                self.obs_map.key: obs[1:],
+                "reward": reward,
+                "done": done,
+                "terminated": term,
+                "truncated": done & ~term,
+                "deter": deter,
+                "stoch": stoch,
+            },
+            [n],
+        )
+        incoming = torch.cat([torch.zeros(1, 1), reward[:-1]])
+        return TensorDict(
+            {
+                self.obs_map.key: obs[:-1],
+                "action": self.act_map.convert(episode.actions, n),
+                INCOMING_REWARD: incoming,
+                "is_init": first,
+                "next": nxt,
+            },
+            [n],
+        )
+
+
+def _episode_end(episode: Any, n: int, name: str) -> bool:
+    """Whether the episode terminated; its flags may be set only at its last step. An
+    episode that ends with neither flag ends where the data does: a truncation (Minari's
+    own DataCollector marks an unfinished episode truncated the same way)."""
+    term = np.asarray(episode.terminations, dtype=bool).reshape(-1)
+    trunc = np.asarray(episode.truncations, dtype=bool).reshape(-1)
+    if len(term) != n or len(trunc) != n:
+        raise DatasetError(
+            f"dataset {name}: episode {episode.id} has {n} rewards but {len(term)} "
+            f"terminations and {len(trunc)} truncations; valid: one of each per step"
+        )
+    early = np.flatnonzero(term[:-1] | trunc[:-1])
+    if early.size:
+        raise DatasetError(
+            f"dataset {name}: episode {episode.id} ends at step {early[0] + 1} of {n} "
+            "(terminated or truncated before its last step); valid: an episode's flags are "
+            "set at its last step only"
+        )
+    return bool(term[-1])
+
+
+def _not_found(dataset_id: str) -> str:
+    minari = _import_minari()
+    root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Minari warns for each misconfigured dataset dir
+        local = sorted(minari.list_local_datasets())
+    listed = ", ".join(local[:8]) + (", …" if len(local) > 8 else "") if local else "none"
+    return (
+        f"dataset={dataset_id} is no path and no local Minari dataset in {root} (local ids: "
+        f"{listed}); nothing is downloaded: give a path, or set MINARI_DATASETS_PATH"
+    )
+
+
+def _import_minari():
+    try:
+        import minari
+    except ImportError:
+        raise DatasetError(
+            "Minari datasets need the minari package: pip install -e '.[offline]'"
+        ) from None
+    return minari
+
+
+@dataclass(frozen=True)
+class ObservationMap:
+    """A gym observation space → the agent's key, spec and tensors (as envs.py maps it)."""
+
+    key: str
+    kind: str  # "vector" | "integer" | "image"
+    spec: TensorSpec
+
+    @classmethod
+    def of(cls, space: gym.Space, name: str) -> ObservationMap:
+        if isinstance(space, gym.spaces.Box) and _is_image(space):
+            h, w, c = space.shape
+            spec = Bounded(low=0, high=255, shape=(c, h, w), dtype=torch.uint8)
+            return cls("pixels", "image", spec)
+        bounds = integer_bounds(space)
+        if bounds is not None:
+            low, high = (torch.as_tensor(b, dtype=torch.int64) for b in bounds)
+            spec = Bounded(low=low, high=high, shape=low.shape, dtype=torch.int64)
+            return cls("observation", "integer", spec)
+        if isinstance(space, gym.spaces.Box) and len(space.shape) in (1, 2):
+            return cls("observation", "vector", Unbounded(shape=(int(np.prod(space.shape)),)))
+        raise DatasetError(
+            f"dataset {name}: observation space {space} is not supported; supported: "
+            f"{SUPPORTED_SPACES} (as for envs)"
+        )
+
+    def convert(self, obs: Any, n: int) -> torch.Tensor:
+        if self.kind == "image":  # [n, H, W, C] → [n, C, H, W]
+            return torch.as_tensor(np.asarray(obs, dtype=np.uint8)).permute(0, 3, 1, 2)
+        if self.kind == "integer":
+            parts = obs if isinstance(obs, tuple) else (obs,)  # Tuple of Discrete: a tuple
+            flat = [np.asarray(p).reshape(n, -1) for p in parts]
+            return torch.as_tensor(np.concatenate(flat, -1).astype(np.int64))
+        return torch.as_tensor(np.asarray(obs, dtype=np.float32).reshape(n, -1))
+
+
+@dataclass(frozen=True)
+class ActionMap:
+    """A gym action space ↔ the agent's actions: Discrete ↔ one-hot float, Box ↔ [-1, 1]
+    (the env's ActionScaling: a_env = a·scale + loc, the agent's action clipped first)."""
+
+    spec: TensorSpec
+    low: np.ndarray | None = None  # Box bounds, or Discrete start [1]
+    high: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, space: gym.Space, name: str) -> ActionMap:
+        if isinstance(space, gym.spaces.Discrete):
+            return cls(OneHot(int(space.n), dtype=torch.float32), np.array([space.start]))
+        if _supported_action_space(space):
+            dim = int(space.shape[0])
+            spec = Bounded(low=-1.0, high=1.0, shape=(dim,), dtype=torch.float32)
+            return cls(spec, space.low.astype(np.float64), space.high.astype(np.float64))
+        raise DatasetError(
+            f"dataset {name}: action space {space} is not supported; supported: Discrete, "
+            "or 1-D Box with finite bounds (as for envs)"
+        )
+
+    @property
+    def discrete(self) -> bool:
+        return isinstance(self.spec, OneHot)
+
+    def convert(self, actions: Any, n: int) -> torch.Tensor:
+        """Dataset actions [n] or [n, A] → the agent's [n, A] float32."""
+        a = np.asarray(actions)
+        if self.discrete:
+            index = torch.as_tensor(a.reshape(n).astype(np.int64) - int(self.low[0]))
+            return torch.nn.functional.one_hot(index, self.spec.shape[-1]).float()
+        loc, scale = (self.high + self.low) / 2, (self.high - self.low) / 2
+        return torch.as_tensor(((a.reshape(n, -1) - loc) / scale).astype(np.float32))
+
+    def to_env(self, actions: torch.Tensor) -> np.ndarray:
+        """The agent's actions [n, A] → the env's: indices, or clipped and scaled."""
+        if self.discrete:
+            return actions.argmax(-1).numpy().astype(np.int64) + int(self.low[0])
+        a = actions.double().clamp(-1.0, 1.0).numpy()
+        loc, scale = (self.high + self.low) / 2, (self.high - self.low) / 2
+        return np.clip(a * scale + loc, self.low, self.high).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+class RunSource:
+    """A dreamer_trl run's stored replay (run dir or checkpoint), per env stream. The rows
+    stay memory-mapped: they are read a chunk (or an episode) at a time."""
+
+    kind = "run"
+    chunk = 4096  # rows read and converted at a time (an image run's replay can be GBs)
+
+    def __init__(self, path: Path, name: str):
+        self.name = name
+        self.ckpt = verified_checkpoint(path)
+        state = load_checkpoint(self.ckpt, verify=False)
+        self.config = state.get("config")
+        if not isinstance(self.config, dict) or "env" not in self.config:
+            raise DatasetError(f"dataset {name}: checkpoint {self.ckpt} has no stored config")
+        self.commit = state.get("commit", "unknown")
+        self.env_steps = int(state.get("counters", {}).get("env_steps", 0))
+        self.rows = read_replay_rows(self.ckpt, name)
+        self.orders = stream_orders(self.rows, name)
+        self.size = int(self.rows.shape[0])
+        self.episodes = sum(len(self.episodes_of(i)) for i in range(len(self.orders)))
+        env = make_env(self.config["env"], seed=0)
+        try:
+            self.observation_spec = env.observation_spec.clone()
+            self.action_spec = env.action_spec.clone()
+            self.env_action_spec = env.base_env.action_spec.clone()  # the env's own bounds
+        finally:
+            env.close()
+        self.obs_keys = list(state.get("meta", {}).get("obs_keys") or []) or [
+            k for k in ("observation", "pixels") if k in self.observation_spec.keys()
+        ]
+
+    def episodes_of(self, stream: int) -> list[tuple[int, int]]:
+        """(first, last) position in stream ``stream`` of each complete episode."""
+        order = self.orders[stream]
+        first, last = (self.rows.get(k).reshape(-1)[order] for k in ("is_first", "is_last"))
+        return episode_bounds(first, last)
+
+    def stream_rows(self, stream: int, lo: int, hi: int) -> TensorDictBase:
+        """Rows lo..hi-1 of stream ``stream``, in step order, in memory."""
+        return self.rows[self.orders[stream][lo:hi]].to_tensordict()
+
+    def transitions(self, initial=None) -> Iterator[tuple[int, TensorDictBase]]:
+        """(stream offset, transitions) a chunk at a time; the latents are the stored
+        ones (refreshed by training), ``initial`` is unused. Chunks overlap by one row:
+        a chunk's last row is the next chunk's first transition."""
+        for offset, order in enumerate(self.orders):
+            for lo in range(0, len(order) - 1, self.chunk):
+                rows = self.stream_rows(offset, lo, lo + self.chunk + 1)
+                td = steps_to_transitions(rows, self.obs_keys)
+                if td.shape[0]:
+                    yield offset, td
+
+
+def read_replay_rows(ckpt: Path, name: str) -> TensorDictBase:
+    """The filled rows of a checkpoint's replay dump (StepReplay.dumps, format 2)."""
+    replay_dir = ckpt / REPLAY_DIR
+    info_file = replay_dir / DUMP_INFO
+    if not replay_dir.is_dir():
+        raise DatasetError(
+            f"dataset {name} is empty: checkpoint {ckpt} stored no replay steps; valid: a "
+            "checkpoint written after the run collected steps"
+        )
+    if not info_file.is_file():
+        raise DatasetError(
+            f"dataset {name}: checkpoint {ckpt} holds its replay in TorchRL's dense dump "
+            f"(before format {DUMP_FORMAT}); valid: resume the run once with this version "
+            "and let it checkpoint, which rewrites it"
+        )
+    with _readable(name):
+        info = json.loads(info_file.read_text())
+        if int(info.get("rows", 0)) == 0:
+            raise DatasetError(
+                f"dataset {name} is empty: the replay of {ckpt} holds 0 steps; valid: a "
+                "checkpoint written after the run collected steps"
+            )
+        rows = TensorDict.load_memmap(replay_dir / STEPS_DIR)
+    return rows
+
+
+def stream_orders(rows: TensorDictBase, name: str) -> list[torch.Tensor]:
+    """Row indices of each env stream, in step order (a circular buffer that wrapped
+    stores them out of order); a gap inside a stream means a damaged dump."""
+    stream, step = rows.get("stream").reshape(-1), rows.get("stream_step").reshape(-1)
+    order = torch.argsort(step, stable=True)
+    order = order[torch.argsort(stream[order], stable=True)]
+    _, counts = torch.unique_consecutive(stream[order], return_counts=True)
+    out = []
+    for index in torch.split(order, counts.tolist()):
+        steps = step[index]
+        gaps = torch.nonzero(steps.diff() != 1).reshape(-1)
+        if gaps.numel():
+            at = int(steps[gaps[0]])
+            raise DatasetError(
+                f"dataset {name} is corrupt: stream {int(stream[index[0]])} of its replay "
+                f"jumps from step {at} to {int(steps[gaps[0] + 1])}; valid: consecutive steps"
+            )
+        out.append(index)
+    return out
+
+
+def steps_to_transitions(rows: TensorDictBase, obs_keys: list[str]) -> TensorDictBase:
+    """One stream's steps [n] → the collector's transitions, which ``transitions_to_steps``
+    turns back into the same steps: each non-final step with the next one as "next". A
+    final step begins no transition; the oldest row, when it is a final step whose episode
+    was overwritten, and the newest, when its episode is unfinished, are dropped."""
+    cur, nxt = rows[:-1], rows[1:]
+    n = cur.shape[0]
+    col = lambda td, key: td.get(key).reshape(n, 1)  # noqa: E731
+    out = TensorDict(
+        {k: cur.get(k) for k in obs_keys}
+        | {
+            "action": cur.get("action"),
+            INCOMING_REWARD: col(cur, "reward"),
+            "is_init": col(cur, "is_first"),
+            "next": TensorDict(
+                {k: nxt.get(k) for k in obs_keys}
+                | {
+                    "reward": col(nxt, "reward"),
+                    "done": col(nxt, "is_last"),
+                    "terminated": col(nxt, "is_terminal"),
+                    "truncated": col(nxt, "is_last") & ~col(nxt, "is_terminal"),
+                    "deter": cur.get("deter"),
+                    "stoch": cur.get("stoch"),
+                },
+                [n],
+            ),
+        },
+        [n],
+    )
+    return out[~cur.get("is_last").reshape(n)]
+
+
+def episode_bounds(first: torch.Tensor, last: torch.Tensor) -> list[tuple[int, int]]:
+    """(first, last) position of every complete episode in one stream's is_first/is_last
+    flags [n]: from an is_first step to the next is_last one."""
+    starts = torch.nonzero(first).reshape(-1).tolist()
+    ends = iter(torch.nonzero(last).reshape(-1).tolist())
+    out, end = [], next(ends, None)
+    for start in starts:
+        while end is not None and end < start:
+            end = next(ends, None)
+        if end is None:
+            break
+        out.append((start, end))
+    return out
+
+
+# --------------------------------------------------------------------------- out
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    dataset_id: str
+    path: Path  # the dataset dir (holding data/)
+    episodes: int
+    steps: int  # Minari steps (transitions): Σ episode lengths
+    skipped: int  # stored steps outside complete episodes
+
+
+def export_minari(
+    run: str | Path, root: str | Path, dataset_id: str | None = None
+) -> ExportInfo:
+    """Write the complete episodes of a run's replay as a Minari dataset under ``root``
+    (a Minari datasets dir: ``MINARI_DATASETS_PATH=root`` finds it by id), then load it
+    back with Minari and check it."""
+    minari = _import_minari()
+    src = RunSource(Path(run).expanduser(), str(run))
+    if len(src.obs_keys) != 1:
+        raise DatasetError(
+            f"run {run} observes {', '.join(src.obs_keys)}; valid for a Minari export: one "
+            "observation key"
+        )
+    dataset_id = dataset_id or default_dataset_id(src)
+    root = Path(root).expanduser().resolve()
+    _check_new_id(dataset_id, root)
+    obs_space, actions = _env_spaces(src)
+    buffers = list(_episode_buffers(src, actions))
+    if not buffers:
+        raise DatasetError(f"run {run} has no complete episode in its replay: nothing to export")
+    with _datasets_path(root), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is set to None.*")
+        warnings.filterwarnings("ignore", message="env_spec is None.*")
+        minari.create_dataset_from_buffers(
+            dataset_id,
+            buffers,
+            env=_gym_spec(src.config["env"]),
+            observation_space=obs_space,
+            action_space=actions.space,
+            algorithm_name="DreamerV3 (dreamer_trl)",
+            author="dreamer_trl",
+            code_permalink=f"dreamer_trl commit {src.commit}",
+            description=_description(src),
+            data_format="hdf5",
+            jpeg_encoding=False,  # lossless: the steps must round-trip
+        )
+        dataset = minari.load_dataset(dataset_id)  # Minari reads its metadata back
+        problem = validate_minari(dataset)
+    steps = sum(len(b.rewards) for b in buffers)
+    if not problem and (dataset.total_episodes, dataset.total_steps) != (len(buffers), steps):
+        problem = (
+            f"it holds {dataset.total_episodes} episodes / {dataset.total_steps} steps, "
+            f"{len(buffers)} / {steps} were written"
+        )
+    if problem:
+        raise DatasetError(f"Minari dataset {root / dataset_id} did not read back: {problem}")
+    kept = steps + len(buffers)
+    return ExportInfo(dataset_id, root / dataset_id, len(buffers), steps, src.size - kept)
+
+
+def validate_minari(dataset: Any) -> str | None:
+    """What is wrong with a loaded Minari dataset (None: nothing): every episode holds one
+    more observation than actions, one reward and flag per step, and every observation
+    and action lies in the dataset's spaces (the checks Minari's DataCollector makes per
+    step, here over whole episodes)."""
+    for ep in dataset.iterate_episodes():
+        n = len(ep.rewards)
+        sizes = (len(ep.observations), len(ep.actions), len(ep.terminations), len(ep.truncations))
+        if sizes != (n + 1, n, n, n):
+            return f"episode {ep.id} has observations/actions/terminations/truncations {sizes}"
+        for what, space, batch in (
+            ("observation", dataset.observation_space, ep.observations),
+            ("action", dataset.action_space, ep.actions),
+        ):
+            if not _within(space, np.asarray(batch)):
+                return f"episode {ep.id} has an {what} outside {space}"
+    return None
+
+
+def _within(space: gym.Space, batch: np.ndarray) -> bool:
+    """Whether every row of ``batch`` lies in ``space`` (Box or Discrete)."""
+    if isinstance(space, gym.spaces.Discrete):
+        return bool(np.all((batch >= space.start) & (batch < space.start + space.n)))
+    if batch.shape[1:] != space.shape or not np.can_cast(batch.dtype, space.dtype):
+        return False
+    return bool(np.all((batch >= space.low) & (batch <= space.high)))
+
+
+def _check_new_id(dataset_id: str, root: Path) -> None:
+    """One line for an id Minari would refuse (malformed, or taken) before any write."""
+    from minari.dataset.minari_dataset import parse_dataset_id
+
+    try:
+        parse_dataset_id(dataset_id)
+    except (ValueError, TypeError):
+        raise DatasetError(
+            f"id={dataset_id!r} is no Minari dataset id; valid: (namespace/)name-v<N> of "
+            "letters, digits, '-' and '_', e.g. dreamer_trl/pendulum/run1-v0"
+        ) from None
+    if (root / dataset_id).exists():
+        raise DatasetError(
+            f"id={dataset_id!r} exists already in {root}; valid: a new id (or version "
+            f"-v<N+1>), or delete {root / dataset_id} first"
+        )
+
+
+def default_dataset_id(src: RunSource) -> str:
+    """dreamer_trl/<env>/<run>-v0: the run dir's name, or the checkpoint's."""
+    run_dir = src.ckpt.parent.parent if src.ckpt.parent.name == "checkpoints" else src.ckpt
+    clean = lambda s: re.sub(r"[^-\w]", "_", s)  # noqa: E731 (Minari's id alphabet)
+    env = clean(str(src.config["env"].get("name", "env")))
+    return f"dreamer_trl/{env}/{clean(run_dir.name)}-step{src.env_steps}-v0"
+
+
+def _env_spaces(src: RunSource) -> tuple[gym.Space, _GymActions]:
+    key = src.obs_keys[0]
+    spec = src.observation_spec[key]
+    if key == "pixels" or spec.dtype == torch.uint8 and len(spec.shape) == 3:
+        c, h, w = spec.shape
+        obs = gym.spaces.Box(0, 255, (h, w, c), np.uint8)
+    elif not spec.dtype.is_floating_point:
+        low, high = spec.space.low.numpy(), spec.space.high.numpy()
+        obs = gym.spaces.Box(low, high, low.shape, np.int64)
+    elif isinstance(spec, Bounded):  # the env's own bounds (gym Boxes keep theirs)
+        low, high = spec.space.low.numpy(), spec.space.high.numpy()
+        obs = gym.spaces.Box(low, high, low.shape, np.float32)
+    else:
+        obs = gym.spaces.Box(-np.inf, np.inf, tuple(spec.shape), np.float32)
+    return obs, _GymActions.of(src)
+
+
+@dataclass(frozen=True)
+class _GymActions:
+    space: gym.Space
+    map: ActionMap
+
+    @classmethod
+    def of(cls, src: RunSource) -> _GymActions:
+        if isinstance(src.action_spec, OneHot):
+            space = gym.spaces.Discrete(int(src.action_spec.shape[-1]))
+        else:
+            bounds = src.env_action_spec.space
+            low, high = bounds.low.numpy(), bounds.high.numpy()
+            space = gym.spaces.Box(low, high, low.shape, np.float32)
+        return cls(space, ActionMap.of(space, src.name))
+
+
+def _episode_buffers(src: RunSource, actions: _GymActions) -> Iterator[Any]:
+    from minari.data_collector import EpisodeBuffer
+
+    key, image = src.obs_keys[0], src.obs_keys[0] == "pixels"
+    number = 0
+    for stream in range(len(src.orders)):
+        for start, end in src.episodes_of(stream):
+            ep = src.stream_rows(stream, start, end + 1)
+            obs = ep.get(key)
+            obs = obs.permute(0, 2, 3, 1) if image else obs
+            n = end - start
+            terminal = bool(ep.get("is_terminal")[-1])
+            done = np.zeros(n, dtype=bool)
+            done[-1] = True
+            yield EpisodeBuffer(
+                id=number,
+                observations=np.ascontiguousarray(obs.numpy()),
+                actions=actions.map.to_env(ep.get("action")[:-1]),
+                rewards=ep.get("reward")[1:].numpy().astype(np.float64),
+                terminations=done & terminal,
+                truncations=done & (not terminal),
+                infos={},
+            )
+            number += 1
+
+
+def _gym_spec(env_cfg: dict) -> Any:
+    """The gym EnvSpec a gym-suite run stepped (with its step limit) so Minari can
+    recover the env; None for other suites and for action repeats (whose steps are not
+    the gym env's)."""
+    if env_cfg.get("suite") != "gym" or int(env_cfg.get("action_repeat", 1)) != 1:
+        return None
+    spec = gym.spec(env_cfg["task"])
+    limit = env_cfg.get("max_episode_steps")
+    return dataclasses.replace(spec, max_episode_steps=int(limit)) if limit else spec
+
+
+def _description(src: RunSource) -> str:
+    env = src.config["env"]
+    return (
+        f"Replay of a dreamer_trl DreamerV3 run ({src.ckpt}, {src.env_steps} env steps): "
+        f"env suite {env.get('suite')} task {env.get('task')}, action repeat "
+        f"{env.get('action_repeat', 1)}. Complete episodes only; actions as the env took them."
+    )
+
+
+@contextlib.contextmanager
+def _datasets_path(root: Path) -> Iterator[None]:
+    """Minari reads its datasets root from MINARI_DATASETS_PATH at every call."""
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old
+
+
+__all__ = [
+    "DATASET_STREAM",
+    "DatasetError",
+    "DatasetInfo",
+    "ExportInfo",
+    "MinariSource",
+    "RunSource",
+    "check_fits",
+    "export_minari",
+    "load_dataset",
+    "open_dataset",
+    "validate_minari",
+]
