@@ -120,6 +120,7 @@ def save_checkpoint(
     *,
     replay_buffer: Any | None = None,
     keep: int = 2,
+    step: int | None = None,
 ) -> Path:
     """Atomically write ``run_dir/checkpoints/step_<N>/`` and point ``latest`` at it.
 
@@ -131,13 +132,15 @@ def save_checkpoint(
             replay buffer), saved into ``replay/``; ``nbytes()``, when it has one, sizes
             the free-space check.
         keep: number of complete checkpoints to keep (the new one included).
+        step: N in the name (default: the env steps; an offline run, whose env steps stay
+            0, counts its updates).
 
     Returns:
         The path of the new checkpoint directory.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    step = _env_steps(state)
+    step = _env_steps(state) if step is None else int(step)
     ckpt_root = Path(run_dir) / CHECKPOINTS_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp_dirs(ckpt_root)

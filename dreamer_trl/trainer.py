@@ -191,17 +191,23 @@ class Trainer:
         elif cfg.compile.get("steps", True):  # configs saved before the key: the default
             chunk = int(cfg.compile.get("observe_chunk", 4))  # likewise
             self.agent.compile_steps(observe_chunk=chunk, mode=cfg.compile.mode)
+        # Opened (and checked against the agent) before anything is written: a bad dataset
+        # is one line and leaves no run dir.
+        self.dataset = open_stored_experience(cfg, self.agent)
         # The first write under run_dir, and it creates run_dir: only once the env and the
         # agent are built, so a bad env id or model config leaves no (empty) run dir behind.
         self.scratch = fresh_scratch_dir(self.run_dir)
-        self.replay = self.make_replay(replay_capacity(cfg))
+        self.replay = self.make_replay(replay_capacity(cfg, self.dataset))
         self.counters = {
             "env_steps": 0,
             "updates": 0,
             "episodes": 0,
             "updates_due": 0.0,
             "wall_seconds": 0.0,
+            "dataset_steps": 0,  # steps train.dataset put into replay (once per run)
+            "pretrained": 0,  # of train.pretrain's updates
         }
+        self.offline = bool(cfg.train.get("offline", False))
         self._clock = None  # (time.time() at train start, wall_seconds then)
         self.phases = Phases()
         self.mlflow_run_id: str | None = None
@@ -241,7 +247,13 @@ class Trainer:
             self.state(),
             replay_buffer=self.replay,
             keep=int(self.cfg.train.keep_checkpoints),
+            step=self.step(),
         )
+
+    def step(self) -> int:
+        """The run's x axis (metrics, evals, checkpoint names, cadences): env steps, or
+        updates in an offline run, whose env steps stay 0."""
+        return self.counters["updates" if self.offline else "env_steps"]
 
     def check_disk(self) -> None:
         """Stop (DiskFullError, one line) while the disk still holds the next checkpoint
@@ -310,11 +322,15 @@ class Trainer:
         self.counters["updates"] += 1
         return out.exclude("deter", "stoch")
 
+    def ready(self) -> bool:
+        """Replay holds train_start steps and a stream of T+1 (with N envs, train_start
+        steps may be spread so thin that no stream holds T+1 yet)."""
+        return len(self.replay) >= self.cfg.train.train_start and self.replay.can_sample()
+
     def updates_for(self, new_steps: int) -> int:
         """Updates owed after ``new_steps`` more env steps: train_ratio / (B·T) per step."""
         t = self.cfg.train
-        # With N envs, train_start steps may be spread so thin that no stream holds T+1 yet.
-        if len(self.replay) < t.train_start or not self.replay.can_sample():
+        if not self.ready():
             return 0
         self.counters["updates_due"] += new_steps * t.train_ratio / (t.batch_size * t.seq_len)
         due = math.floor(self.counters["updates_due"])
@@ -365,31 +381,52 @@ class Trainer:
     def train(self, tracker: Tracker) -> dict:
         cfg, t, c = self.cfg, self.cfg.train, self.counters
         self._clock = (time.time(), c.get("wall_seconds", 0.0))
-        self.phases = Phases(c["env_steps"])
+        self.phases = Phases(self.step())
         prune_scratch(self.scratch)
+        self._load_stored_experience()
         policy = make_policy(
             self.agent,
             self.action_spec,
             random=c["env_steps"] < t.random_steps,
             compile=bool(cfg.compile.policy),
         )
-        done = c["env_steps"] >= t.total_steps  # a finished run resumed: nothing to collect
-        collector = None if done else make_collector(cfg, policy, int(cfg.seed) + c["env_steps"])
+        total = int(t.total_updates if self.offline else t.total_steps)
+        done = self.step() >= total  # a finished run resumed: nothing to do
+        collector = None
+        if not (done or self.offline):
+            collector = make_collector(cfg, policy, int(cfg.seed) + c["env_steps"])
         bar = tqdm(
-            total=int(t.total_steps),
-            initial=c["env_steps"],
+            total=total,
+            initial=self.step(),
             disable=not t.progress,
-            unit="step",
+            unit="update" if self.offline else "step",
             dynamic_ncols=True,
         )
-        means, speed = _Means(), _Rate(c["env_steps"])
+        means, speed = _Means(), _Rate(self.step())
         last_return = float("nan")
-        log_due = _Every(t.log_every, c["env_steps"])
-        eval_due = _Every(t.eval_every, c["env_steps"])
-        ckpt_due = _Every(t.checkpoint_every, c["env_steps"])
+        log_due = _Every(t.log_every, self.step())
+        eval_due = _Every(t.eval_every, self.step())
+        ckpt_due = _Every(t.checkpoint_every, self.step())
         status = "FINISHED"
         try:
-            if not done:
+            if self.offline and not done:
+                while True:
+                    means.add(self.update())
+                    bar.update(1)
+                    if log_due(c["updates"]):
+                        self._log_interval(tracker, means.pop(), speed(c["updates"]), last_return)
+                        self.check_disk()
+                    if self.poisoned or c["updates"] >= total:
+                        break
+                    if eval_due(c["updates"]):
+                        with self.phases("eval"):
+                            self._eval_and_log(tracker, video=False)
+                    if ckpt_due(c["updates"]):
+                        if not self.check_finite():
+                            break
+                        with self.phases("checkpoint"):
+                            self.save()
+            elif not done:
                 batches = iter(collector)
                 while True:
                     with self.phases("collect"):  # acting and env steps
@@ -400,6 +437,8 @@ class Trainer:
                             self.replay.extend(steps, stream=stream)
                     c["env_steps"] += n
                     last_return = self._record_episodes(batch, tracker, last_return)
+                    if c["pretrained"] < t.get("pretrain", 0) and self.ready():
+                        self._pretrain(tracker, means)
                     for _ in range(self.updates_for(n)):
                         means.add(self.update())
                     if policy.random and c["env_steps"] >= t.random_steps:
@@ -425,7 +464,7 @@ class Trainer:
                             break
                         with self.phases("checkpoint"):
                             self.save()
-            if not self.returns or self.returns[-1][0] != c["env_steps"]:
+            if not self.returns or self.returns[-1][0] != self.step():
                 self._eval_and_log(tracker, video=bool(cfg.eval.video))  # final evaluation
                 self._log_open_loop(tracker)
         except KeyboardInterrupt:
@@ -441,6 +480,36 @@ class Trainer:
         path = self.save()
         tracker.log_artifact(str(path / "meta.json"), "checkpoints")
         return {"status": status, "checkpoint": str(path), **self.counters}
+
+    # ---- stored experience -------------------------------------------------------------
+    def _load_stored_experience(self) -> None:
+        """train.dataset into replay, once per run (a resumed replay already holds it)."""
+        if self.dataset is None or self.counters["dataset_steps"]:
+            return
+        from .datasets import load_dataset
+
+        info = load_dataset(self.cfg.train.dataset, self.agent, self.replay)
+        self.counters["dataset_steps"] = info.steps
+        tqdm.write(
+            f"dataset {info.name} ({info.kind}): {info.episodes} episodes, {info.steps:,} "
+            f"steps in replay"
+        )
+
+    def _pretrain(self, tracker: Tracker, means: _Means) -> None:
+        """train.pretrain updates on the replay as it is, before collection goes on; its
+        log lines count pretraining updates (``pretrain/*``). A stop saves and resumes
+        mid-way (counter ``pretrained``)."""
+        c, t = self.counters, self.cfg.train
+        while c["pretrained"] < t.pretrain:
+            means.add(self.update())
+            c["pretrained"] += 1
+            if c["pretrained"] % t.log_every == 0 or c["pretrained"] == t.pretrain:
+                logged = {f"pretrain/{k}": float(v) for k, v in means.pop().items()}
+                tracker.log_metrics(logged, c["pretrained"])
+                self.check_finite()
+                tqdm.write(f"pretrain {c['pretrained']}/{t.pretrain} updates")
+                if self.poisoned:
+                    return
 
     # ---- non-finite guard ----------------------------------------------------------
     def check_finite(self) -> bool:
@@ -504,8 +573,8 @@ class Trainer:
                 "perf/replay": len(self.replay),
             }
         )
-        logged.update(self.phases.pop(c["env_steps"]))
-        tracker.log_metrics(logged, c["env_steps"])
+        logged.update(self.phases.pop(self.step()))
+        tracker.log_metrics(logged, self.step())
         if not self.cfg.train.progress:
             print(_log_line(c, fps, last, logged), flush=True)
 
@@ -520,7 +589,7 @@ class Trainer:
         if self.poisoned:  # the run stops: a non-finite agent's return is no result
             return
         metrics, frames = self.evaluate(int(self.cfg.train.eval_episodes), video=video)
-        step = self.counters["env_steps"]
+        step = self.step()
         self.returns.append((step, metrics["eval/return"]))
         tracker.log_metrics(metrics, step)
         if frames is not None:
@@ -560,11 +629,27 @@ def _git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def replay_capacity(cfg: DictConfig) -> int:
+def replay_capacity(cfg: DictConfig, dataset=None) -> int:
     """The configured capacity, but no more than a run can fill: at most two steps per
     env step (a final step per episode end) — so a short run's memmap buffer and its
-    checkpoints are not sized for millions of steps."""
-    return int(min(cfg.replay.capacity, 2 * cfg.train.total_steps + 1024))
+    checkpoints are not sized for millions of steps — plus the dataset's steps (an offline
+    run: only those)."""
+    stored = 0 if dataset is None else int(dataset.size)
+    if cfg.train.get("offline", False):
+        return stored
+    return int(min(cfg.replay.capacity, 2 * cfg.train.total_steps + 1024)) + stored
+
+
+def open_stored_experience(cfg: DictConfig, agent: DreamerV3Agent):
+    """The train.dataset source, checked against the agent (DatasetError, one line), or
+    None without one."""
+    if not cfg.train.get("dataset"):
+        return None
+    from .datasets import check_fits, open_dataset
+
+    source = open_dataset(cfg.train.dataset)
+    check_fits(source, agent)
+    return source
 
 
 def fresh_scratch_dir(run_dir: Path) -> Path:

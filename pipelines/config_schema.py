@@ -250,6 +250,12 @@ class TrainConfig:
     checkpoint_every: int = count(10000, why="0: only at the end")
     keep_checkpoints: int = positive(2)
     progress: bool = spec(True)
+    # Stored experience (dreamer_trl.datasets, dreamer_trl.offline). Optional: configs saved
+    # before these keys trained online only.
+    dataset: str | None = spec(None, optional=True)
+    pretrain: int = spec(0, ge=0, optional=True)
+    offline: bool = spec(False, optional=True)
+    total_updates: int = spec(0, ge=0, optional=True)
 
 
 @dataclass
@@ -358,6 +364,17 @@ RULES: tuple[Rule, ...] = (
         "replay.storage != 'memmap' or replay.device == 'cpu'",
         "needs replay.storage=tensor: a memmap storage lives in host memory (valid with "
         "memmap: replay.device=cpu)",
+    ),
+    Rule(
+        "train.offline",
+        "not train.get('offline') or train.get('dataset')",
+        "needs train.dataset=<Minari dataset or run dir>: an offline run trains only on "
+        "stored experience",
+    ),
+    Rule(
+        "train.total_updates",
+        "not train.get('offline') or train.get('total_updates', 0) >= 1",
+        "must be >= 1 with train.offline=true: the offline run's budget in updates",
     ),
     Rule(
         "collector.frames_per_batch",
