@@ -1,6 +1,7 @@
 """``collector.envs=N``: N envs stepped as one batch per collector, each its own replay
 stream (issue 16 item 1)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -140,3 +141,14 @@ def test_device_native_pendulum_trains_with_its_envs_as_streams(tmp_path):
     first = steps[steps["stream_step"] == 0]
     assert first["is_first"].all() and len(first) == 16
     assert len(trainer.returns) == 1  # the final eval ran
+
+
+def test_bench_envs_measures_each_env_count(tmp_path):
+    from pipelines import bench_envs
+
+    out = tmp_path / "b.json"
+    argv = ["envs=torchrl_pendulum", "counts=1,2", "steps=32", f"out={out}"]
+    assert bench_envs.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["env"], r["envs"]) for r in rows] == [("torchrl_pendulum", n) for n in (1, 2)]
+    assert all(r["env_steps_per_s"] > 0 for r in rows)
