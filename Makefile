@@ -3,11 +3,13 @@ PY      ?= .venv/bin/python
 ENV     ?= dmc_walker
 ARGS    ?=
 CKPT    ?=
+FORMAT  ?= onnx
+OUT     ?=
 TASKS   ?=
 SEEDS   ?=
 export MUJOCO_GL ?= egl
 
-.PHONY: setup test test-slow lint train eval ui bench bench-learn device-kit
+.PHONY: setup test test-slow lint train eval export dataset ui bench bench-learn device-kit
 
 setup:  ## create .venv: CPU torch first (so nothing pulls a CUDA build), then the package
 	test -x $(PY) || python3 -m venv .venv
@@ -35,6 +37,12 @@ train:  ## make train ENV=dmc_walker ARGS="seed=1 model=size12m"; make train ARG
 eval:   ## make eval CKPT=<checkpoint path, run dir or MLflow run id>
 	$(PY) pipelines/evaluate.py ckpt=$(CKPT) $(ARGS)
 
+export: ## make export CKPT=<checkpoint, run dir, run id or models:/name/version> FORMAT=onnx|torchscript|pt2 [OUT=<file>]
+	$(PY) pipelines/export.py ckpt=$(CKPT) format=$(FORMAT) $(if $(OUT),out=$(OUT)) $(ARGS)
+
+dataset:  ## make dataset CKPT=<run dir|checkpoint> OUT=<dir>: the run's replay as a Minari dataset
+	$(PY) pipelines/dataset.py ckpt=$(CKPT) out=$(OUT) $(ARGS)
+
 # MLflow 3.17 opens experiments in its GenAI view until "Model training" is picked once (top
 # left; the browser keeps the choice) or a link asks for it (an experiment's URL + the query
 # ?workflowType=machine_learning); the experiment tag alone does not: pipelines/mlflow_view_check.py.
@@ -42,20 +50,15 @@ ui:     ## MLflow UI on 127.0.0.1:5000 over the embedded store
 	@echo 'runs and charts: pick "Model training" at the top left once (the browser keeps it)'
 	$(PY) -m mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
 
-bench:  ## update-step and acting benchmark; writes results/bench.json
+bench:  ## update-step, acting and acting-latency benchmark; writes results/bench.json
 	$(PY) pipelines/bench.py $(ARGS)
 
 bench-learn:  ## learning benchmarks: make bench-learn TASKS=cartpole,pendulum SEEDS=0,1
 	$(PY) pipelines/bench_learn.py $(if $(TASKS),tasks=[$(TASKS)]) $(if $(SEEDS),seeds=[$(SEEDS)]) $(ARGS)
 
-# Wheels the lent GPU machine lacks (it has torch; the rest of what bench.py imports is
-# here), for pipelines/gpu_bench.sh: Python 3.12, manylinux x86-64, into the ignored .whl/.
-WHEEL_PLATFORMS = $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
-device-kit:  ## download the GPU bench's wheels into .whl/ (then: device run `bash pipelines/gpu_bench.sh`, carry .whl)
-	mkdir -p .whl
-	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		$(WHEEL_PLATFORMS) -d .whl torchrl==0.14.1 tensordict==0.14.3 orjson==3.13.0
-	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl \
-		hoptorch==0.1.4 pyvers==0.2.3 hydra-core==1.3.2 omegaconf==2.3.0 \
-		gymnasium==1.4.0 farama-notifications==0.0.6
-	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # sdist only on PyPI
+# Wheels the lent GPU machine needs besides its CUDA torch, for pipelines/gpu_bench.sh: what
+# train.py, bench.py and gpu_check.py import and everything that requires (numpy, cloudpickle,
+# packaging, PyYAML, ...), pinned to this venv's versions, for CPython 3.12 manylinux x86-64,
+# into the ignored .whl/ (pipelines/device_kit.py resolves the set; torch is left out).
+device-kit:  ## the GPU check's wheels into .whl/ (then: device run `bash pipelines/gpu_bench.sh`, carry .whl)
+	$(PY) pipelines/device_kit.py .whl

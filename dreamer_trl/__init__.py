@@ -14,13 +14,17 @@ Pieces a TorchRL pipeline can take one by one (see docs/architecture.md):
 * replay: :class:`StepReplay` (``TensorDictReplayBuffer`` + ``SliceSampler``) and the
   transition → step conversion :func:`transitions_to_steps`;
 * :class:`DreamerV3Agent` — all of the above built from env specs and a config, with one
-  ``update(batch)``; :func:`make_env` for gym / DMC / Atari.
+  ``update(batch)``; :func:`make_env` for gym / DMC / Atari;
+* using a trained agent: :func:`load_policy` (checkpoint, run dir, MLflow run id or
+  ``models:/``) → :class:`Policy` with ``initial_state()`` and ``act(obs, state)`` on numpy
+  or torch; ``dreamer_trl.export`` writes its acting step as ONNX / TorchScript / pt2.
 """
 
 from .actor_critic import Critic, ReturnNormalizer, SlowCritic
 from .agent import DreamerV3Agent, action_info, obs_space_from_spec
 from .envs import make_env
 from .heads import Actor
+from .inference import Policy, PolicyState, load_policy
 from .losses import ActorLoss, CriticLoss, DreamerV3Loss, WorldModelLoss, total_loss
 from .modules import actor_module, critic_module, slow_critic_module, world_model_module
 from .optim import LaProp
@@ -45,6 +49,8 @@ __all__ = [
     "LaProp",
     "MODEL_SIZES",
     "ObsSpace",
+    "Policy",
+    "PolicyState",
     "ReturnNormalizer",
     "Sequence",
     "SlowCritic",
@@ -52,6 +58,7 @@ __all__ = [
     "WorldModel",
     "WorldModelLoss",
     "action_info",
+    "load_policy",
     "make_env",
     "obs_space_from_spec",
     "sequence_from_steps",

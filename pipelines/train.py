@@ -9,7 +9,9 @@ are left as they are.
 
 Every exit leaves a true record:
 
-* finished: one ``finished: ...`` line, MLflow run FINISHED, exit 0;
+* finished: one ``finished: ...`` line, MLflow run FINISHED, exit 0; the run's policy is
+  logged as its MLflow model ``policy`` (pyfunc over the ONNX export; ``tracking.register=
+  <name>`` registers it, ``tracking.log_model=false`` skips it);
 * stopped (Ctrl-C or SIGTERM, at any moment): one ``stopped: ...`` line and no traceback,
   exit 130; MLflow run KILLED and resumable from its latest checkpoint, or, stopped before
   its first checkpoint, tagged ``checkpoint=none ...`` with its run dir removed;
@@ -226,6 +228,8 @@ class TrainRun:
             return 3  # exit codes: 1 crash, 2 bad input, 3 non-finite, 130 stopped
         if result["status"] != "FINISHED":
             return self.stopped(result["checkpoint"])
+        if tracker.enabled and cfg.tracking.get("log_model", True):
+            self.log_model(cfg, result["checkpoint"])
         with deferred_stop(reraise=False):
             tracker.set_tags({"checkpoint": result["checkpoint"]})
             tracker.close("FINISHED")
@@ -235,6 +239,26 @@ class TrainRun:
                 flush=True,
             )
         return 0
+
+    def log_model(self, cfg: DictConfig, checkpoint: str) -> None:
+        """The finished run's policy as its MLflow model ``policy`` (registered as
+        ``tracking.register`` when set). The training finished whatever happens here: a
+        failure is a warning, and the run is still recorded FINISHED."""
+        try:
+            from dreamer_trl.export import log_policy_model
+            from dreamer_trl.inference import load_policy
+
+            policy = load_policy(checkpoint)
+            info = log_policy_model(
+                policy, self.tracker.run_id, self.tracker.tracking_uri, cfg.tracking.get("register")
+            )
+        except Exception as err:  # e.g. onnx not installed: pip install -e '.[export]'
+            print(f"warning: policy not logged as an MLflow model: {type(err).__name__}: {err}",
+                  file=sys.stderr, flush=True)
+            return
+        version = info.registered_model_version
+        named = f"; registered as models:/{cfg.tracking.register}/{version}" if version else ""
+        print(f"MLflow model runs:/{self.tracker.run_id}/policy{named}", flush=True)
 
     def mlflow_identity(
         self, cfg: DictConfig, run_dir: Path, saved_id: str | None

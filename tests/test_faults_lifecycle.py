@@ -62,6 +62,7 @@ TINY = [
     "device=cpu",
     "compile.policy=false",
     "compile.steps=false",
+    "tracking.log_model=false",  # each finished run's ONNX export: ~15 s (test_export.py)
 ]
 RUN_LINE = re.compile(r"^run dir (?P<dir>.+) \| mlflow run (?P<id>\w+) \|", re.M)
 

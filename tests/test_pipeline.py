@@ -60,6 +60,7 @@ TINY = [
     "device=cpu",
     "compile.policy=false",  # compiling the acting step costs ~30 s a process (a slow test below)
     "compile.steps=false",  # likewise the RSSM steps (tests/test_compile.py checks them)
+    "tracking.log_model=false",  # each finished run's ONNX export: ~15 s (test_export.py)
 ]
 # Eval episodes (and so eval videos) capped by the env's step limit: pendulum runs 200 steps,
 # DMC 1000 and Pong ~800 (each rendered for the video), which would dominate the budget.
@@ -70,6 +71,10 @@ LOSSES = ("loss_rec", "loss_rew", "loss_con", "loss_dyn", "loss_rep", "loss_poli
 
 def tiny(env: str, *extra: str) -> list[str]:
     cap = [] if env == "cartpole" else [f"env.max_episode_steps={EPISODE_CAP}"]
+    if env.startswith("dmc"):
+        # The DMC presets step 16 envs; 64 tiny steps over 16 streams give none the T+1 steps
+        # an update samples. Two envs keep the batched path and let the tiny run train.
+        cap.append("collector.envs=2")
     return [f"env={env}", *TINY, *cap, *extra]
 
 
