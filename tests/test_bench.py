@@ -1,4 +1,5 @@
-"""make bench's options: which devices it benchmarks, and clear errors for bad ones."""
+"""make bench's options: which devices it benchmarks, and clear errors for bad ones; and its
+replay section (issue 20) on a small buffer."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def test_devices_keep_a_fixed_order():
 
 @pytest.mark.parametrize("value", ["tpu", "cpu,tpu", ","])
 def test_unknown_device_names_the_valid_ones(value):
-    with pytest.raises(ConfigError, match="valid are auto or a list of cpu, gpu"):
+    with pytest.raises(ConfigError, match="valid are auto, none or a list of cpu, gpu"):
         bench.parse_devices(value)
 
 
@@ -60,3 +61,35 @@ def test_race_without_rewarm_times_each_call_once():
 def test_rewarm_switch_is_a_bool():
     assert bench.parse_options([])["rewarm"] is True
     assert bench.parse_options(["rewarm=false"])["rewarm"] is False
+
+
+def test_devices_none_skips_the_update_benchmark():
+    assert bench.parse_devices("none") == []
+
+
+def test_new_switches_parse():
+    opts = bench.parse_options(["torchrl=false", "quick=1", "replay_sizes=5000", "replay_pixels=0"])
+    assert opts["torchrl"] is False and opts["quick"] is True
+    assert opts["replay_sizes"] == "5000" and opts["replay_pixels"] == 0
+
+
+def test_replay_row_times_every_variant_and_the_old_path_rebuilds(monkeypatch):
+    from torchrl.data.replay_buffers.samplers._trajectory import _FragmentedTrajectoryIndex
+
+    rebuilds = []
+    original = _FragmentedTrajectoryIndex._full_rebuild
+    monkeypatch.setattr(
+        _FragmentedTrajectoryIndex,
+        "_full_rebuild",
+        lambda self, *a: (rebuilds.append(1), original(self, *a))[1],
+    )
+    row = bench.replay_row("proprio", 400, list(bench.REPLAY_VARIANTS), rounds=1)
+    assert row["obs"] == "proprio" and row["stored_steps"] == 400
+    assert set(row["variants"]) == {"before", "slice_direct", "after"}
+    for timed in row["variants"].values():
+        for parts in (timed["warm"], timed["cold"]):
+            times = {"extend_ms", "sample_ms", "write_back_ms", "total_ms"}
+            assert times | {"minor_faults_per_update", "major_faults_per_update"} == set(parts)
+            assert all(parts[k] > 0 for k in times)
+    # 'before' rebuilds after every write-back (16 per cycle); the others never do
+    assert len(rebuilds) >= bench.UPDATES_PER_EXTEND
