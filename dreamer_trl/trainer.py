@@ -4,28 +4,23 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import shutil
 import signal
 import time
-from collections.abc import Mapping
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDictBase
-from torchrl.collectors import Collector, MultiAsyncCollector
-from torchrl.data import Composite, Unbounded
-from torchrl.envs import EnvBase, ParallelEnv, SerialEnv, TensorDictPrimer, TransformedEnv
+from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
-from . import device_envs
 from .agent import DreamerV3Agent
+from .cadence import Every, Means, Phases, Rate, log_line
 from .checkpoint import (
     CheckpointError,
     DiskFullError,
@@ -38,14 +33,13 @@ from .checkpoint import (
     save_checkpoint,
     verified_checkpoint,
 )
+from .collection import acting_env, env_streams, make_collector, make_policy
 from .envs import make_env
-from .policy import ActingPolicy
 from .precision import resolve_dtype
 from .replay import StepReplay
 from .report import open_loop_video
 from .runtime import keep_freed_memory
 from .tracking import Tracker, flatten_config
-from .transforms import IncomingReward
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,101 +64,6 @@ def make_agent(cfg: DictConfig, env: EnvBase, device: torch.device) -> DreamerV3
         env.observation_spec, env.action_spec, cfg.model, algo, cfg.env.get("obs_keys")
     )
     return agent.to(device)
-
-
-def make_policy(
-    agent: DreamerV3Agent, action_spec, random: bool = False, compile: bool = False
-) -> ActingPolicy:
-    policy = ActingPolicy(
-        agent.world_model, agent.actor, action_spec, agent.obs_space.keys, random=random
-    )
-    if compile:
-        policy.compile()
-    return policy
-
-
-def acting_env(
-    env_cfg: Mapping, seed: int, policy: ActingPolicy, render: bool = False, stream: int = 0,
-    batch: int | None = None, device: str | torch.device = "cpu",
-) -> EnvBase:
-    """An env with the transforms acting needs: incoming reward, the recurrent primer and
-    a constant ``stream`` id, so replay keeps each worker's steps one stream of its own.
-    ``batch=N``: one natively batched env [N] (suite ``torchrl``) on ``device``, env j
-    being stream ``stream + j``."""
-    env = make_env(env_cfg, seed, device, render=render, batch=batch)
-    env = env if isinstance(env, TransformedEnv) else TransformedEnv(env)
-    env.append_transform(IncomingReward())
-    env.append_transform(policy.make_primer())
-    ids = stream if batch is None else device_envs.stream_ids(stream, batch, env.device)
-    env.append_transform(
-        TensorDictPrimer(
-            Composite(stream=Unbounded(shape=(), dtype=torch.int64)),
-            default_value=ids,
-            expand_specs=True,
-        )
-    )
-    return env
-
-
-def stream_of(batch: TensorDictBase) -> int:
-    """The env stream a single-env collector batch [F] came from."""
-    return int(batch.get("stream").reshape(-1)[0]) if "stream" in batch.keys() else 0
-
-
-def env_streams(batch: TensorDictBase) -> list[tuple[int, TensorDictBase]]:
-    """A collector batch as (stream, steps [F]) pairs: [F] from one env, [N, F] from a
-    batched env of N (each sub-env its own stream, read from its ``stream`` entry)."""
-    rows = batch.unbind(0) if batch.ndim == 2 else (batch,)
-    return [(stream_of(row), row) for row in rows]
-
-
-def batched_acting_env(
-    env_cfg: Mapping, seed: int, policy: ActingPolicy, envs: int, first_stream: int,
-    parallel: bool = False, device: str | torch.device = "cpu",
-) -> EnvBase:
-    """``envs`` acting envs stepped as one batch [envs] (one policy call per step): sub-env
-    j is stream ``first_stream + j``. A natively batched suite (``torchrl``) is one env of
-    batch [envs] on ``device``; any other is ``envs`` envs with seeds ``seed + j`` in a
-    ``SerialEnv`` (this process: cheap envs, few cores) or ``ParallelEnv`` (a process each)."""
-    if env_cfg["suite"] == "torchrl":
-        return acting_env(env_cfg, seed, policy, stream=first_stream, batch=envs, device=device)
-    fns = [
-        functools.partial(acting_env, env_cfg, seed + j, policy, stream=first_stream + j)
-        for j in range(envs)
-    ]
-    return (ParallelEnv if parallel else SerialEnv)(envs, fns)
-
-
-def make_collector(cfg: DictConfig, policy: ActingPolicy, seed: int):
-    """``Collector`` in this process, or ``MultiAsyncCollector`` over worker processes;
-    each steps ``collector.envs`` envs (worker i's env j: stream and seed offset i·envs + j).
-    The reference's ``run.envs`` is workers × envs."""
-    env_cfg = OmegaConf.to_container(cfg.env, resolve=True)
-    workers, envs = int(cfg.collector.num_workers), int(cfg.collector.get("envs", 1))
-    parallel = bool(cfg.collector.get("parallel", False))
-    if envs == 1 and env_cfg["suite"] != "torchrl":  # a plain env, as before batched envs
-        fns = [
-            functools.partial(acting_env, env_cfg, seed + i, policy, stream=i)
-            for i in range(workers)
-        ]
-    else:
-        fns = [
-            functools.partial(
-                batched_acting_env, env_cfg, seed + i * envs, policy, envs, i * envs, parallel,
-                cfg.collector.device,
-            )
-            for i in range(workers)
-        ]
-    kwargs = dict(
-        frames_per_batch=int(cfg.collector.frames_per_batch),
-        total_frames=-1,
-        device=cfg.collector.device,
-        storing_device="cpu",
-        split_trajs=False,
-    )
-    if workers == 1:
-        return Collector(fns[0], policy, **kwargs)
-    return MultiAsyncCollector(fns, policy, **kwargs)
 
 
 class Trainer:
@@ -402,11 +301,11 @@ class Trainer:
             unit="update" if self.offline else "step",
             dynamic_ncols=True,
         )
-        means, speed = _Means(), _Rate(self.step())
+        means, speed = Means(), Rate(self.step())
         last_return = float("nan")
-        log_due = _Every(t.log_every, self.step())
-        eval_due = _Every(t.eval_every, self.step())
-        ckpt_due = _Every(t.checkpoint_every, self.step())
+        log_due = Every(t.log_every, self.step())
+        eval_due = Every(t.eval_every, self.step())
+        ckpt_due = Every(t.checkpoint_every, self.step())
         status = "FINISHED"
         try:
             if self.offline and not done:
@@ -495,7 +394,7 @@ class Trainer:
             f"steps in replay"
         )
 
-    def _pretrain(self, tracker: Tracker, means: _Means) -> None:
+    def _pretrain(self, tracker: Tracker, means: Means) -> None:
         """train.pretrain updates on the replay as it is, before collection goes on; its
         log lines count pretraining updates (``pretrain/*``). A stop saves and resumes
         mid-way (counter ``pretrained``)."""
@@ -576,7 +475,7 @@ class Trainer:
         logged.update(self.phases.pop(self.step()))
         tracker.log_metrics(logged, self.step())
         if not self.cfg.train.progress:
-            print(_log_line(c, fps, last, logged), flush=True)
+            print(log_line(c, fps, last, logged), flush=True)
 
     def _log_open_loop(self, tracker: Tracker) -> None:
         """Open-loop prediction video (pixel envs): real vs imagined frames."""
@@ -598,23 +497,6 @@ class Trainer:
             f"[eval] step {step}: return {metrics['eval/return']:.1f} "
             f"± {metrics['eval/return_std']:.1f} over {self.cfg.train.eval_episodes} episodes"
         )
-
-
-def _log_line(counters: dict, fps: float, last_return: float, logged: dict) -> str:
-    losses = " ".join(
-        f"{k.split('/')[-1][5:]}={float(v):.3g}"
-        for k, v in logged.items()
-        if k.startswith("train/loss_")
-    )
-    phases = " ".join(
-        f"{k.rsplit('/', 1)[-1]}={float(v):.3f}"
-        for k, v in logged.items()
-        if k.startswith("perf/sec_per_step/")
-    )
-    return (
-        f"step {counters['env_steps']} updates {counters['updates']} fps {fps:.1f} "
-        f"return {last_return:.1f} {losses}" + (f" | s/step {phases}" if phases else "")
-    )
 
 
 def _git_commit() -> str:
@@ -665,72 +547,6 @@ def prune_scratch(current: Path) -> None:
     for old in current.parent.iterdir():
         if old != current:
             shutil.rmtree(old, ignore_errors=True)
-
-
-class _Every:
-    """True once each time a counter passes the next multiple of ``every`` (0: never)."""
-
-    def __init__(self, every: int, start: int):
-        self.every = every
-        self.next = (start // every + 1) * every if every else math.inf
-
-    def __call__(self, value: int) -> bool:
-        if value < self.next:
-            return False
-        self.next += self.every
-        return True
-
-
-class _Means:
-    """Running means of the update outputs between two log lines."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-
-    def add(self, out: TensorDictBase) -> None:
-        for k, v in out.items():
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-        self.count += 1
-
-    def pop(self) -> dict[str, torch.Tensor]:
-        means = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
-        self.sums, self.count = {}, 0
-        return means
-
-
-class Phases:
-    """Wall seconds spent in each phase of the loop (collect, extend, sample, update,
-    write_back, eval, checkpoint), reported per env step: where a run's time goes."""
-
-    def __init__(self, env_steps: int = 0):
-        self.seconds: dict[str, float] = {}
-        self.since = env_steps  # env step of the last report
-
-    @contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-    def pop(self, env_steps: int) -> dict[str, float]:
-        """``perf/sec_per_step/<phase>``: seconds per env step since the last report."""
-        steps = env_steps - self.since
-        out = {f"perf/sec_per_step/{k}": v / max(steps, 1) for k, v in self.seconds.items()}
-        self.seconds, self.since = {}, env_steps
-        return out
-
-
-class _Rate:
-    """Env steps per second since the loop started (this process)."""
-
-    def __init__(self, steps: int):
-        self.t0, self.steps0 = time.time(), steps
-
-    def __call__(self, steps: int) -> float:
-        return (steps - self.steps0) / max(time.time() - self.t0, 1e-9)
 
 
 def config_params(cfg: DictConfig) -> dict:

@@ -249,8 +249,8 @@ def acting_rate(steps: int, random: bool, compiled: bool = True) -> float:
     from torchrl.envs.utils import RandomPolicy
 
     from dreamer_trl.agent import DreamerV3Agent
+    from dreamer_trl.collection import acting_env, make_policy
     from dreamer_trl.envs import make_env
-    from dreamer_trl.trainer import acting_env, make_policy
 
     cfg = {"name": "dmc_walker", "suite": "dmc", "task": "walker-walk"}
     probe = make_env(cfg, 0)

@@ -2,7 +2,7 @@
 `python pipelines/bench_envs.py [envs=dmc_walker,torchrl_pendulum] [counts=1,4,16] [steps=1024]`.
 
 For each env config and env count N, builds the training pipeline's own collector
-(`trainer.make_collector`, `collector.envs=N`, one batched policy call per step) around a
+(`collection.make_collector`, `collector.envs=N`, one batched policy call per step) around a
 size1m agent's acting policy (eager, sampling) and times `steps` env steps after a warm-up
 batch. Prints env steps/s and writes them to results/bench_envs.json.
 """
@@ -24,8 +24,9 @@ def throughput(env: str, envs: int, steps: int) -> float:
     """Env steps per second of one collector stepping ``envs`` envs of ``env``."""
     import torch
 
+    from dreamer_trl.collection import make_collector, make_policy
     from dreamer_trl.envs import make_env
-    from dreamer_trl.trainer import make_agent, make_collector, make_policy
+    from dreamer_trl.trainer import make_agent
 
     cfg = compose_config(
         [f"env={env}", f"collector.envs={envs}", f"collector.frames_per_batch={16 * envs}"]

@@ -14,8 +14,9 @@ sys.path.insert(0, str(ROOT))
 
 from test_pipeline import tiny  # noqa: E402
 
+from dreamer_trl.collection import env_streams  # noqa: E402
 from dreamer_trl.tracking import Tracker  # noqa: E402
-from dreamer_trl.trainer import Trainer, env_streams  # noqa: E402
+from dreamer_trl.trainer import Trainer  # noqa: E402
 from pipelines.common import ConfigError, compose_config  # noqa: E402
 
 

@@ -281,7 +281,8 @@ def test_a_dataset_larger_than_the_replay_is_one_line(cartpole_ds):
 def pendulum_run(tmp_path_factory):
     """A run dir as the trainer writes it: a tiny Pendulum agent, 96 env steps collected
     (30-step episodes, the last unfinished), 2 updates (latents written back), saved."""
-    from dreamer_trl.trainer import Trainer, make_collector, make_policy, stream_of
+    from dreamer_trl.collection import make_collector, make_policy, stream_of
+    from dreamer_trl.trainer import Trainer
     from pipelines.common import compose_config
 
     cfg = compose_config(

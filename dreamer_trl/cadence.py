@@ -1,0 +1,95 @@
+"""The loop's bookkeeping: when something is due (log, eval, checkpoint), running means
+of update outputs, where wall time goes (phases), env-step rate and the log line.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+
+import torch
+from tensordict import TensorDictBase
+
+
+def log_line(counters: dict, fps: float, last_return: float, logged: dict) -> str:
+    losses = " ".join(
+        f"{k.split('/')[-1][5:]}={float(v):.3g}"
+        for k, v in logged.items()
+        if k.startswith("train/loss_")
+    )
+    phases = " ".join(
+        f"{k.rsplit('/', 1)[-1]}={float(v):.3f}"
+        for k, v in logged.items()
+        if k.startswith("perf/sec_per_step/")
+    )
+    return (
+        f"step {counters['env_steps']} updates {counters['updates']} fps {fps:.1f} "
+        f"return {last_return:.1f} {losses}" + (f" | s/step {phases}" if phases else "")
+    )
+
+
+class Every:
+    """True once each time a counter passes the next multiple of ``every`` (0: never)."""
+
+    def __init__(self, every: int, start: int):
+        self.every = every
+        self.next = (start // every + 1) * every if every else math.inf
+
+    def __call__(self, value: int) -> bool:
+        if value < self.next:
+            return False
+        self.next += self.every
+        return True
+
+
+class Means:
+    """Running means of the update outputs between two log lines."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, out: TensorDictBase) -> None:
+        for k, v in out.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count += 1
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        means = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+        self.sums, self.count = {}, 0
+        return means
+
+
+class Phases:
+    """Wall seconds spent in each phase of the loop (collect, extend, sample, update,
+    write_back, eval, checkpoint), reported per env step: where a run's time goes."""
+
+    def __init__(self, env_steps: int = 0):
+        self.seconds: dict[str, float] = {}
+        self.since = env_steps  # env step of the last report
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def pop(self, env_steps: int) -> dict[str, float]:
+        """``perf/sec_per_step/<phase>``: seconds per env step since the last report."""
+        steps = env_steps - self.since
+        out = {f"perf/sec_per_step/{k}": v / max(steps, 1) for k, v in self.seconds.items()}
+        self.seconds, self.since = {}, env_steps
+        return out
+
+
+class Rate:
+    """Env steps per second since the loop started (this process)."""
+
+    def __init__(self, steps: int):
+        self.t0, self.steps0 = time.time(), steps
+
+    def __call__(self, steps: int) -> float:
+        return (steps - self.steps0) / max(time.time() - self.t0, 1e-9)
