@@ -7,6 +7,7 @@ FORMAT  ?= onnx
 OUT     ?=
 TASKS   ?=
 SEEDS   ?=
+NPROC   ?= 1
 export MUJOCO_GL ?= egl
 
 .PHONY: setup test test-slow lint train eval export dataset ui bench bench-learn device-kit
@@ -31,8 +32,12 @@ lint:
 ENV_GIVEN = $(filter command,$(origin ENV))
 ENV_ARG = $(if $(findstring resume=,$(ARGS)),$(if $(ENV_GIVEN),env=$(ENV)),env=$(ENV))
 
-train:  ## make train ENV=dmc_walker ARGS="seed=1 model=size12m"; make train ARGS="resume=<dir>"
-	$(PY) pipelines/train.py $(ENV_ARG) $(ARGS)
+# NPROC > 1: that many data-parallel learner processes on this machine (torchrun; one GPU
+# each with device=cuda), README "Scaling out".
+TRAIN_PY = $(if $(filter-out 1,$(NPROC)),$(dir $(PY))torchrun --standalone --nproc_per_node=$(NPROC),$(PY))
+
+train:  ## make train ENV=dmc_walker ARGS="seed=1 model=size12m"; make train ARGS="resume=<dir>"; NPROC=2
+	$(TRAIN_PY) pipelines/train.py $(ENV_ARG) $(ARGS)
 
 eval:   ## make eval CKPT=<checkpoint path, run dir or MLflow run id>
 	$(PY) pipelines/evaluate.py ckpt=$(CKPT) $(ARGS)

@@ -78,8 +78,12 @@ class ReturnNormalizer(PercentileValueNorm):
 
     Starts at zero, no debiasing (reference ``retnorm``). Advantages are divided by S.
     TorchRL's ``PercentileValueNorm`` does exactly this; this subclass only gives it the
-    call the actor loss uses, ``S = norm(returns, update)``.
+    call the actor loss uses, ``S = norm(returns, update)``, and ``gather``: with
+    data-parallel learners, every rank's returns, so that the percentiles (and so the
+    statistics) are those of the ranks' batches together on every rank.
     """
+
+    gather = None  # Callable[[Tensor], Tensor] | None, set by DreamerV3Agent.data_parallel
 
     def __init__(
         self, rate: float = 0.01, limit: float = 1.0, low: float = 5.0, high: float = 95.0
@@ -101,7 +105,8 @@ class ReturnNormalizer(PercentileValueNorm):
     def forward(self, returns: Tensor, update: bool = True) -> Tensor:
         """Update the statistics with ``returns`` (if asked), then return S (0-d)."""
         if update:
-            self.update(returns.detach().float().reshape(-1, 1))
+            x = returns.detach().float().reshape(-1, 1)
+            self.update(x if self.gather is None else self.gather(x))
         return self.scale().reshape(())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -13,6 +13,7 @@ from torchrl.data import Bounded, Categorical, Composite, OneHot, Unbounded
 
 from .actor_critic import Critic
 from .compiling import compile_fn
+from .distributed import GradientAverage, World, broadcast_module, gather_rows
 from .guard import NonFiniteGuard
 from .heads import Actor
 from .losses import DreamerV3Loss, total_loss
@@ -170,6 +171,19 @@ class DreamerV3Agent(nn.Module):
         self.optimizer = make_optimizer(self, algo.get("optim", {}))
         self._loss_fn = self._loss_and_grads
         self.guard = NonFiniteGuard()  # not a module/buffer: stays out of the state_dict
+        self.grad_average: GradientAverage | None = None  # set by data_parallel
+
+    def data_parallel(self, world: World) -> None:
+        """Make this agent one replica of ``world``'s data-parallel learner: rank 0's
+        parameters and buffers on every rank, gradients (and loss finiteness) averaged
+        over ranks in every ``update``, return percentiles over every rank's returns
+        (``dreamer_trl.distributed``)."""
+        if not world.multi:
+            return
+        broadcast_module(self, world)
+        params = [p for m in self.trained_modules() for p in m.parameters()]
+        self.grad_average = GradientAverage(params, world)
+        self.loss.actor_loss.return_norm.gather = gather_rows
 
     @staticmethod
     def _actor_grad(setting: str, discrete: bool) -> str:
@@ -230,6 +244,8 @@ class DreamerV3Agent(nn.Module):
         # log time and before a checkpoint save. A non-finite update is skipped: the
         # optimiser steps with zero gradients and the forward's state is put back.
         losses_ok = self.guard.loss_flags(out)
+        if self.grad_average is not None:  # data-parallel: every rank's mean, all flags ANDed
+            losses_ok = self.grad_average(losses_ok)
         self.optimizer.step(finite=losses_ok.all())
         ok = self.guard.record(losses_ok, getattr(self.optimizer, "last_grads_finite", None))
         keep = ok if self.trains["actor"] else torch.zeros_like(ok)

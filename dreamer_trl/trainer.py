@@ -34,6 +34,7 @@ from .checkpoint import (
     verified_checkpoint,
 )
 from .collection import acting_env, env_streams, make_collector, make_policy
+from .distributed import SINGLE, World, all_true, barrier, broadcast_object, init_world
 from .envs import make_env
 from .precision import resolve_dtype
 from .replay import StepReplay
@@ -67,22 +68,34 @@ def make_agent(cfg: DictConfig, env: EnvBase, device: torch.device) -> DreamerV3
 
 
 class Trainer:
-    """Owns the agent, replay, collector, tracker and counters of one run."""
+    """Owns the agent, replay, collector, tracker and counters of one run.
+
+    In a data-parallel job (``world``: ``torchrun``, see :mod:`dreamer_trl.distributed`)
+    one Trainer runs on each rank with its own envs, seeds and replay; the agents stay one
+    (their updates average gradients). Rank 0 evaluates, logs and owns ``run_dir``'s
+    checkpoints; rank r keeps its replay's in ``run_dir/rank<r>``, written at the same steps.
+    """
 
     # Non-finite guard: the one-line report once an update's losses or gradients were found
     # NaN/inf (see check_finite); a poisoned run is stopped and never checkpointed again.
     poisoned: str | None = None
 
-    def __init__(self, cfg: DictConfig, run_dir: str | Path):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = resolve_device(cfg.device)
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, world: World = SINGLE):
+        self.cfg, self.run_dir, self.world = cfg, Path(run_dir), world
+        check_world(cfg, world)
+        # Rank r's own checkpoints and replay scratch: rank 0's are the run's.
+        self.own_dir = self.run_dir if world.main else self.run_dir / f"rank{world.rank}"
+        self.device = init_world(world, resolve_device(cfg.device))
         if cfg.get("threads"):
             torch.set_num_threads(int(cfg.threads))
         keep_freed_memory()
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
+        # Each rank draws its own noise (acting, replay sampling, imagination); the agents
+        # start from rank 0's weights all the same (data_parallel below).
+        torch.manual_seed(cfg.seed + world.rank)
+        np.random.seed(cfg.seed + world.rank)
         probe = make_env(cfg.env, cfg.seed)
         self.agent = make_agent(cfg, probe, self.device)
+        self.agent.data_parallel(world)
         self.action_spec = probe.action_spec
         probe.close()
         if cfg.compile.enabled:
@@ -95,7 +108,7 @@ class Trainer:
         self.dataset = open_stored_experience(cfg, self.agent)
         # The first write under run_dir, and it creates run_dir: only once the env and the
         # agent are built, so a bad env id or model config leaves no (empty) run dir behind.
-        self.scratch = fresh_scratch_dir(self.run_dir)
+        self.scratch = fresh_scratch_dir(self.own_dir)
         self.replay = self.make_replay(replay_capacity(cfg, self.dataset))
         self.counters = {
             "env_steps": 0,
@@ -133,7 +146,7 @@ class Trainer:
             "counters": dict(self.counters),
             "replay": self.replay.state_dict(),
             "rng": capture_rng(),
-            "meta": self.meta(),
+            "meta": {**self.meta(), "world_size": self.world.size},
             "mlflow_run_id": self.mlflow_run_id,
             "eval_returns": list(self.returns),
             "commit": self.commit,
@@ -141,13 +154,22 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        return save_checkpoint(
-            self.run_dir,
-            self.state(),
-            replay_buffer=self.replay,
-            keep=int(self.cfg.train.keep_checkpoints),
-            step=self.step(),
-        )
+        """Checkpoint the run. Data-parallel: every rank r > 0 writes its own (replay, rng,
+        counters) first, then rank 0 the run's, so rank 0's latest is a step every rank
+        holds (ranks > 0 keep one more checkpoint than rank 0 for the moment in between)."""
+        keep = int(self.cfg.train.keep_checkpoints)
+        if not self.world.main:
+            path = save_checkpoint(
+                self.own_dir, self.state(), replay_buffer=self.replay, keep=keep + 1,
+                step=self.step(),
+            )
+        barrier(self.world)
+        if self.world.main:
+            path = save_checkpoint(
+                self.run_dir, self.state(), replay_buffer=self.replay, keep=keep,
+                step=self.step(),
+            )
+        return path
 
     def step(self) -> int:
         """The run's x axis (metrics, evals, checkpoint names, cadences): env steps, or
@@ -163,12 +185,12 @@ class Trainer:
         steps = max(int(t.checkpoint_every or 0), int(t.log_every))
         growth = 2 * steps * self.replay.bytes_per_step()  # at most 2 rows per env step
         need = expected_bytes(self.state(), self.replay) + growth
-        free = shutil.disk_usage(self.run_dir).free
+        free = shutil.disk_usage(self.own_dir).free
         if free < need:
-            ckpts = self.run_dir / "checkpoints"
+            ckpts = self.own_dir / "checkpoints"
             latest = find_checkpoint(ckpts).name if (ckpts / "latest").is_file() else "none"
             raise DiskFullError(
-                f"disk nearly full: {self.run_dir} has {free / 2**20:,.1f} MiB free, the next "
+                f"disk nearly full: {self.own_dir} has {free / 2**20:,.1f} MiB free, the next "
                 f"checkpoint and the replay's growth until then need about "
                 f"{need / 2**20:,.1f} MiB; stopping at env step {self.counters['env_steps']} "
                 f"(latest checkpoint: {latest})"
@@ -191,10 +213,16 @@ class Trainer:
     def load(self, path: str | Path) -> None:
         """Continue from a checkpoint (verified first; ``resume_fallback=true`` lets a
         damaged latest one give way to the previous one)."""
-        ckpt = verified_checkpoint(str(path), fallback=bool(self.cfg.get("resume_fallback")))
+        ckpt = self._own_checkpoint(path)
         state = load_checkpoint(
             ckpt, expected_meta=self.meta(), map_location=self.device, verify=False
         )
+        saved_world = int(state["meta"].get("world_size", 1))
+        if saved_world != self.world.size:  # the other ranks' replays would be lost or missing
+            raise CheckpointError(
+                f"checkpoint {ckpt} was written by {saved_world} data-parallel process(es), "
+                f"this run has {self.world.size}: resume with NPROC={saved_world}"
+            )
         # The buffer is restored at the size it was saved with (checkpoints written
         # before capacities were recorded used the configured one).
         capacity = int(state["replay"].get("capacity", self.cfg.replay.capacity))
@@ -210,6 +238,24 @@ class Trainer:
         self.commit = state.get("commit", "unrecorded")
         self.returns = [tuple(x) for x in state.get("eval_returns", [])]
 
+    def _own_checkpoint(self, path: str | Path) -> Path:
+        """The checkpoint this rank resumes from: rank 0's (verified, see :meth:`load`),
+        and on rank r the same step of its own."""
+        ckpt = None
+        if self.world.main:
+            fallback = bool(self.cfg.get("resume_fallback"))
+            ckpt = verified_checkpoint(str(path), fallback=fallback)
+        name = broadcast_object(None if ckpt is None else ckpt.name, self.world)
+        if self.world.main:
+            return ckpt
+        own = self.own_dir / "checkpoints" / name
+        if not own.is_dir():
+            raise CheckpointError(
+                f"rank {self.world.rank} has no {own} for rank 0's checkpoint {name}: "
+                f"every rank's part is needed to resume"
+            )
+        return verified_checkpoint(own)
+
     # ---- one training step -----------------------------------------------------------
     def update(self) -> TensorDictBase:
         with self.phases("sample"):
@@ -223,8 +269,10 @@ class Trainer:
 
     def ready(self) -> bool:
         """Replay holds train_start steps and a stream of T+1 (with N envs, train_start
-        steps may be spread so thin that no stream holds T+1 yet)."""
-        return len(self.replay) >= self.cfg.train.train_start and self.replay.can_sample()
+        steps may be spread so thin that no stream holds T+1 yet) — on every rank, so that
+        data-parallel ranks start updating (and so all-reducing) together."""
+        ready = len(self.replay) >= self.cfg.train.train_start and self.replay.can_sample()
+        return all_true(ready, self.world)
 
     def updates_for(self, new_steps: int) -> int:
         """Updates owed after ``new_steps`` more env steps: train_ratio / (B·T) per step."""
@@ -293,11 +341,14 @@ class Trainer:
         done = self.step() >= total  # a finished run resumed: nothing to do
         collector = None
         if not (done or self.offline):
-            collector = make_collector(cfg, policy, int(cfg.seed) + c["env_steps"])
+            # Rank r's envs take the seeds after rank r-1's (workers x envs each).
+            per_rank = int(cfg.collector.num_workers) * int(cfg.collector.get("envs", 1))
+            seed = int(cfg.seed) + c["env_steps"] + self.world.rank * per_rank
+            collector = make_collector(cfg, policy, seed)
         bar = tqdm(
             total=total,
             initial=self.step(),
-            disable=not t.progress,
+            disable=not (t.progress and self.world.main),
             unit="update" if self.offline else "step",
             dynamic_ncols=True,
         )
@@ -317,7 +368,7 @@ class Trainer:
                         self.check_disk()
                     if self.poisoned or c["updates"] >= total:
                         break
-                    if eval_due(c["updates"]):
+                    if eval_due(c["updates"]) and self.world.main:
                         with self.phases("eval"):
                             self._eval_and_log(tracker, video=False)
                     if ckpt_due(c["updates"]):
@@ -355,7 +406,7 @@ class Trainer:
                         break
                     if c["env_steps"] >= t.total_steps:
                         break
-                    if eval_due(c["env_steps"]):
+                    if eval_due(c["env_steps"]) and self.world.main:
                         with self.phases("eval"):
                             self._eval_and_log(tracker, video=False)
                     if ckpt_due(c["env_steps"]):
@@ -363,7 +414,8 @@ class Trainer:
                             break
                         with self.phases("checkpoint"):
                             self.save()
-            if not self.returns or self.returns[-1][0] != self.step():
+            last_eval = self.returns[-1][0] if self.returns else None
+            if self.world.main and last_eval != self.step():
                 self._eval_and_log(tracker, video=bool(cfg.eval.video))  # final evaluation
                 self._log_open_loop(tracker)
         except KeyboardInterrupt:
@@ -376,6 +428,12 @@ class Trainer:
             bar.close()
         if not self.check_finite():  # non-finite guard: the last finite checkpoint stays latest
             return self._poisoned_result(tracker)
+        if status == "STOPPED" and self.world.multi:
+            # The ranks were stopped wherever each was (torchrun signals them all): no
+            # collective save; the run resumes from its latest periodic checkpoint.
+            latest = self._latest_checkpoint()
+            return {"status": status, "checkpoint": None if latest == "none" else latest,
+                    **self.counters}
         path = self.save()
         tracker.log_artifact(str(path / "meta.json"), "checkpoints")
         return {"status": status, "checkpoint": str(path), **self.counters}
@@ -474,7 +532,7 @@ class Trainer:
         )
         logged.update(self.phases.pop(self.step()))
         tracker.log_metrics(logged, self.step())
-        if not self.cfg.train.progress:
+        if not self.cfg.train.progress and self.world.main:
             print(log_line(c, fps, last, logged), flush=True)
 
     def _log_open_loop(self, tracker: Tracker) -> None:
@@ -509,6 +567,24 @@ def _git_commit() -> str:
         cwd=Path(__file__).resolve().parent,
     )
     return out.stdout.strip() or "unknown"
+
+
+def check_world(cfg: DictConfig, world: World) -> None:
+    """What a data-parallel job cannot do yet: one line naming the setting."""
+    if not world.multi:
+        return
+    if cfg.train.get("dataset") or cfg.train.get("offline"):
+        raise ValueError(
+            f"train.dataset / train.offline with {world.size} data-parallel processes is not "
+            "supported: train from stored experience with NPROC=1"
+        )
+    backend = str(cfg.collector.get("backend", "local"))
+    if backend != "local":
+        raise ValueError(
+            f"collector.backend={backend} with {world.size} data-parallel processes is not "
+            "supported (its workers need this process's default process group): use "
+            "collector.backend=local, or NPROC=1"
+        )
 
 
 def replay_capacity(cfg: DictConfig, dataset=None) -> int:

@@ -20,6 +20,11 @@ Every exit leaves a true record:
   (a checkpoint or config error mid-run: the same record, but one line and exit 2);
 * bad input before the run began: one ``error: ...`` line, exit 2, nothing written.
 
+Under ``torchrun`` (``make train NPROC=2``) each process is one data-parallel rank
+(``dreamer_trl.distributed``): rank 0 picks the run dir, writes the config and the MLflow
+run, evaluates and prints; ranks > 0 print errors only. A stop saves nothing new: the run
+resumes (with the same NPROC) from its latest periodic checkpoint.
+
 The run dir is created only once the env and the agent are built.
 """
 
@@ -160,6 +165,7 @@ class TrainRun:
         self.made: Path | None = None  # the outermost dir this process created for run_dir
         self.trainer: Any = None
         self.tracker: Any = None
+        self.world: Any = None  # dreamer_trl.distributed.World, once the config is known
 
     # ---- the happy path ----------------------------------------------------------
     def run(self) -> int:
@@ -170,17 +176,24 @@ class TrainRun:
             saved = (self.run_dir / OVERRIDES_FILE).read_text().split()
             overrides = merge_overrides(saved, overrides)
         cfg = compose_config(name_after_task(overrides))
+        world = self.world = join_world(cfg)
         if not self.resume:
             stamp = time.strftime("%Y%m%d_%H%M%S")
             self.run_dir = Path(cfg.run_dir or f"runs/{cfg.env.name}/{stamp}_seed{cfg.seed}")
+            if world.multi:  # the ranks' clocks may disagree on the stamp: rank 0's name
+                from dreamer_trl.distributed import broadcast_object
+
+                self.run_dir = broadcast_object(self.run_dir, world)
         run_dir = self.run_dir
-        self.made = _first_missing(run_dir)
+        self.made = _first_missing(run_dir) if world.main else None  # rank 0's to remove
 
         from dreamer_trl.trainer import Trainer, config_params
 
         # Builds the env and the agent before it writes anything (the replay scratch dir,
         # which creates run_dir): a bad env id or model leaves no run dir.
-        trainer = self.trainer = Trainer(cfg, run_dir)
+        trainer = self.trainer = Trainer(cfg, run_dir, world)
+        if not world.main:
+            return self.run_other_rank(cfg)
         if self.resume:  # a refused checkpoint (other model size, corrupt) raises before any write
             trainer.load(run_dir)
             print(f"resumed {run_dir} at env step {trainer.counters['env_steps']}", flush=True)
@@ -239,6 +252,18 @@ class TrainRun:
                 flush=True,
             )
         return 0
+
+    def run_other_rank(self, cfg: DictConfig) -> int:
+        """A rank > 0: the same loop, unlogged (rank 0 writes the run's record)."""
+        from dreamer_trl.tracking import Tracker
+
+        self.tracker = Tracker(cfg.env.name, enabled=False)
+        if self.resume:
+            self.trainer.load(self.run_dir)
+        result = self.trainer.train(self.tracker)
+        if result["status"] == "NONFINITE":
+            return 3
+        return 0 if result["status"] == "FINISHED" else self.stopped(result["checkpoint"])
 
     def log_model(self, cfg: DictConfig, checkpoint: str) -> None:
         """The finished run's policy as its MLflow model ``policy`` (registered as
@@ -381,6 +406,23 @@ class TrainRun:
                 break
             parent = parent.parent
         return not run_dir.exists()
+
+
+def join_world(cfg: DictConfig) -> Any:
+    """This process's data-parallel world (one process unless ``torchrun`` started it),
+    joined; ranks > 0 print nothing to stdout (their errors still reach stderr)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        from dreamer_trl.distributed import SINGLE
+
+        return SINGLE
+    from dreamer_trl.distributed import init_world, launched_world
+    from dreamer_trl.trainer import resolve_device
+
+    world = launched_world()
+    init_world(world, resolve_device(cfg.device))
+    if not world.main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the process's lifetime
+    return world
 
 
 def _first_missing(path: Path) -> Path | None:

@@ -1,0 +1,108 @@
+"""``make train NPROC=2``: two data-parallel ranks under torchrun train one agent, write one
+run (rank 0's record, every rank's replay), and resume only with the same process count."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from tensordict import TensorDict
+from test_pipeline import TINY
+
+from dreamer_trl.checkpoint import find_checkpoint, load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+ARGS = [
+    "env=pendulum",
+    *TINY,
+    "train.total_steps=96",
+    "train.checkpoint_every=48",
+    "env.max_episode_steps=100",
+]
+
+
+def launch(cwd: Path, store: str, *argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    lead = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    env = dict(os.environ, MLFLOW_TRACKING_URI=store, PYTHONUNBUFFERED="1")
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return subprocess.run(
+        [*(lead or [sys.executable]), str(ROOT / "pipelines" / "train.py"), *argv],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp_run")
+    store = f"sqlite:///{tmp / 'mlflow.db'}"
+    proc = launch(tmp, store, *ARGS, f"run_dir={tmp / 'run'}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp, store, proc
+
+
+def state_of(ckpt_dir: Path) -> dict:
+    return load_checkpoint(ckpt_dir, verify=False)
+
+
+def differing(a: dict, b: dict) -> list[str]:
+    """The agent state_dict entries (tensors; the rest is extra state) that differ."""
+    assert a.keys() == b.keys()
+    return [k for k, v in a.items() if torch.is_tensor(v) and not torch.equal(v, b[k])]
+
+
+def test_two_ranks_write_one_run(two_rank_run):
+    tmp, store, proc = two_rank_run
+    run = tmp / "run"
+    # Rank 0 alone prints: one run line, one finished line.
+    assert proc.stdout.count("finished: 96 env steps") == 1, proc.stdout
+    assert proc.stdout.count("run dir ") == 1
+    for step in (48, 96):  # each rank's part of each checkpoint, at the same steps
+        assert (run / "checkpoints" / f"step_{step}" / "state.pt").is_file()
+        assert (run / "rank1" / "checkpoints" / f"step_{step}" / "state.pt").is_file()
+    main, other = state_of(run / "checkpoints/step_96"), state_of(run / "rank1/checkpoints/step_96")
+    assert main["meta"]["world_size"] == other["meta"]["world_size"] == 2
+    # One agent: every weight, moment and statistic equal on both ranks after the updates.
+    assert main["counters"]["updates"] == other["counters"]["updates"] > 0
+    differ = differing(main["agent"], other["agent"])
+    assert not differ, differ[:5]
+    # Two data streams: each rank's replay holds its own envs' steps (other seeds).
+    obs = [
+        TensorDict.load_memmap(d / "checkpoints/step_96/replay/steps")["observation"][:96]
+        for d in (run, run / "rank1")
+    ]
+    assert obs[0].shape == obs[1].shape == (96, 3)
+    assert not torch.allclose(obs[0], obs[1])
+    # One MLflow run, rank 0's, with the run's metrics.
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    assert client.get_metric_history(runs[0].info.run_id, "eval/return")
+
+
+def test_resume_needs_the_same_process_count(two_rank_run):
+    tmp, store, _ = two_rank_run
+    proc = launch(tmp, store, f"resume={tmp / 'run'}", "train.total_steps=160", nproc=1)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert err and "written by 2 data-parallel process(es), this run has 1" in err[-1]
+    assert "NPROC=2" in err[-1]
+    assert find_checkpoint(tmp / "run").name == "step_96"  # untouched
+
+
+@pytest.mark.slow  # the first leg (test_two_ranks_write_one_run) covers the two-rank loop
+def test_two_ranks_resume_together(two_rank_run):
+    tmp, store, _ = two_rank_run
+    proc = launch(tmp, store, f"resume={tmp / 'run'}", "train.total_steps=160")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed" in proc.stdout and "finished: 160 env steps" in proc.stdout
+    run = tmp / "run"
+    main = state_of(run / "checkpoints/step_160")
+    other = state_of(run / "rank1/checkpoints/step_160")
+    assert main["counters"]["updates"] == other["counters"]["updates"]
+    assert not differing(main["agent"], other["agent"])
