@@ -4,8 +4,8 @@ The pieces a training loop composes for ``train.pretrain`` (N updates on a prefi
 replay before collection starts) and ``train.offline`` (updates only, from a dataset
 loaded with :func:`dreamer_trl.datasets.load_dataset`):
 
-- :func:`update_step`: one update as online training runs it: sample [B, T+1] → the
-  agent's update → the fresh posteriors written back (replay context).
+- :func:`update_step` (from :mod:`dreamer_trl.learner`): one update as online training
+  runs it: sample [B, T+1] → the agent's update → the fresh posteriors written back.
 - :func:`pretrain`: ``updates`` of them, with the mean outputs every ``log_every``.
 - :func:`world_model_loss`, :func:`heldout_loss`: the world-model loss of an update's
   output, and of batches the agent does not train on (held-out episodes).
@@ -16,36 +16,16 @@ training; reading it is the caller's (one host sync, at log time).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
 from tensordict import TensorDictBase
 
 from .agent import DreamerV3Agent
+from .learner import update_step
 from .replay import StepReplay
 
 WORLD_MODEL_LOSSES = ("loss_rec", "loss_rew", "loss_con", "loss_dyn", "loss_rep")
-
-
-def update_step(
-    agent: DreamerV3Agent,
-    replay: StepReplay,
-    device: torch.device | str | None = None,
-    phases: Callable | None = None,
-) -> TensorDictBase:
-    """One update from ``replay``: its outputs (detached, on device) without the
-    posteriors, which went back into the replay. ``phases``: the trainer's timer
-    (``phases("sample")`` is a context), optional."""
-    timed = phases or (lambda _name: contextlib.nullcontext())
-    device = device or _device(agent)
-    with timed("sample"):
-        batch = replay.sample().to(device)
-    with timed("update"):
-        out = agent.update(batch)
-    with timed("write_back"):
-        replay.write_back(batch, out.get("deter"), out.get("stoch"))
-    return out.exclude("deter", "stoch")
 
 
 def pretrain(

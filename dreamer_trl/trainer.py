@@ -36,6 +36,7 @@ from .checkpoint import (
 from .collection import acting_env, env_streams, make_collector, make_policy
 from .distributed import SINGLE, World, all_true, barrier, broadcast_object, init_world
 from .envs import make_env
+from .learner import update_step
 from .precision import resolve_dtype
 from .replay import StepReplay
 from .report import open_loop_video
@@ -258,14 +259,9 @@ class Trainer:
 
     # ---- one training step -----------------------------------------------------------
     def update(self) -> TensorDictBase:
-        with self.phases("sample"):
-            batch = self.replay.sample().to(self.device)
-        with self.phases("update"):
-            out = self.agent.update(batch)
-        with self.phases("write_back"):
-            self.replay.write_back(batch, out.get("deter"), out.get("stoch"))
+        out = update_step(self.agent, self.replay, self.device, self.phases)
         self.counters["updates"] += 1
-        return out.exclude("deter", "stoch")
+        return out
 
     def ready(self) -> bool:
         """Replay holds train_start steps and a stream of T+1 (with N envs, train_start

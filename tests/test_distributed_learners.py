@@ -136,3 +136,13 @@ def test_single_process_world_changes_nothing():
     assert agent.grad_average is None
     assert agent.loss.actor_loss.return_norm.gather is None
     assert os.environ.get("WORLD_SIZE", "1") == "1"
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    from dreamer_trl.distributed import init_world
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"2 processes on this machine but 1 CUDA device\(s\)"):
+        init_world(World(0, 2, 0), torch.device("cuda"))
+    assert not dist.is_initialized()
