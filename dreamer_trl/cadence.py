@@ -63,18 +63,27 @@ class Means:
 
 class Phases:
     """Wall seconds spent in each phase of the loop (collect, extend, sample, update,
-    write_back, eval, checkpoint), reported per env step: where a run's time goes."""
+    write_back, eval, checkpoint), reported per env step: where a run's time goes.
 
-    def __init__(self, env_steps: int = 0):
+    ``sync``: a CUDA device whose queued work each phase waits for at its start and end
+    (``perf.sync=true``). Without it a GPU phase times its kernel launches only — and the
+    wait lands in whichever phase next reads a result — but training runs at full speed."""
+
+    def __init__(self, env_steps: int = 0, sync: torch.device | None = None):
         self.seconds: dict[str, float] = {}
         self.since = env_steps  # env step of the last report
+        self.sync = sync if sync is not None and sync.type == "cuda" else None
 
     @contextmanager
     def __call__(self, name: str):
+        if self.sync is not None:
+            torch.cuda.synchronize(self.sync)
         start = time.perf_counter()
         try:
             yield
         finally:
+            if self.sync is not None:
+                torch.cuda.synchronize(self.sync)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def pop(self, env_steps: int) -> dict[str, float]:

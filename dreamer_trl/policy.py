@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
+from torch import nn
 from torchrl.data import Composite, Unbounded
 from torchrl.envs import TensorDictPrimer
 from torchrl.envs.utils import ExplorationType, exploration_type
@@ -24,6 +25,15 @@ from .heads import Actor
 from .world_model import WorldModel
 
 RECURRENT_KEYS = ("deter", "stoch", "prev_action")
+
+
+class ActingWorldModel(nn.Module):
+    """The parts of a :class:`WorldModel` that filtering reads, ``encoder`` and ``rssm``
+    (the same modules: their parameters are shared, not copied)."""
+
+    def __init__(self, world_model: WorldModel):
+        super().__init__()
+        self.encoder, self.rssm = world_model.encoder, world_model.rssm
 
 
 class ActingPolicy(TensorDictModuleBase):
@@ -41,7 +51,9 @@ class ActingPolicy(TensorDictModuleBase):
         random: bool = False,
     ):
         super().__init__()
-        self.world_model, self.actor = world_model, actor
+        # Only what acting reads: a collector copies (and refreshes) the policy's weights
+        # into its workers or onto its device, and the decoder and heads are most of them.
+        self.world_model, self.actor = ActingWorldModel(world_model), actor
         self.action_spec, self.obs_keys = action_spec, list(obs_keys)
         # A buffer, so MultiAsyncCollector workers see it flip with the weights.
         self.register_buffer("_random", torch.tensor(bool(random)))
@@ -55,6 +67,13 @@ class ActingPolicy(TensorDictModuleBase):
     @random.setter
     def random(self, value: bool) -> None:
         self._random.fill_(bool(value))
+
+    def _spec_on(self, device: torch.device):
+        """The action spec on ``device`` (moved once), for drawing random actions there."""
+        cached = getattr(self, "_device_spec", None)
+        if cached is None or cached.device != device:
+            cached = self._device_spec = self.action_spec.to(device)
+        return cached
 
     def make_primer(self) -> TensorDictPrimer:
         """Env transform that puts zero recurrent state into the root at reset."""
@@ -110,8 +129,11 @@ class ActingPolicy(TensorDictModuleBase):
             flat.get("is_init").reshape(-1),
             greedy,
         )
-        if self.random:
-            action = self.action_spec.rand(flat.shape).to(action.dtype)
+        if self._random.device.type == "cpu":
+            if self.random:
+                action = self.action_spec.rand(flat.shape).to(action.dtype)
+        else:  # bool() would wait for the accelerator every step: draw and select there
+            action = random_where(self._random, action, self._spec_on(action.device))
         values = {
             "action": action.to(self.action_spec.dtype),
             ("next", "deter"): deter,
@@ -121,3 +143,9 @@ class ActingPolicy(TensorDictModuleBase):
         for key, value in values.items():
             td.set(key, value.reshape(*lead, *value.shape[1:]))
         return td
+
+
+def random_where(flag: torch.Tensor, action: torch.Tensor, spec) -> torch.Tensor:
+    """``action`` [N, A], or a uniformly random one from ``spec`` where the 0-d bool
+    ``flag`` is set: both drawn and selected on ``action``'s device, with no host sync."""
+    return torch.where(flag, spec.rand(action.shape[:1]).to(action.dtype), action)

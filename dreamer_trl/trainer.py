@@ -53,6 +53,12 @@ def resolve_device(name: str) -> torch.device:
             f"device={name} but torch {torch.__version__} sees no CUDA device; valid here: "
             "device=cpu or device=auto"
         )
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            valid = ", ".join(f"cuda:{i}" for i in range(count))
+            raise ValueError(f"device={name} does not exist: {count} CUDA device(s); valid: "
+                             f"{valid}, cuda, cpu")
     return device
 
 
@@ -89,6 +95,7 @@ class Trainer:
         self.device = init_world(world, resolve_device(cfg.device))
         if cfg.get("threads"):
             torch.set_num_threads(int(cfg.threads))
+        torch.set_float32_matmul_precision(str(cfg.get("matmul_precision", "highest")))
         keep_freed_memory()
         # Each rank draws its own noise (acting, replay sampling, imagination); the agents
         # start from rank 0's weights all the same (data_parallel below).
@@ -215,9 +222,10 @@ class Trainer:
         """Continue from a checkpoint (verified first; ``resume_fallback=true`` lets a
         damaged latest one give way to the previous one)."""
         ckpt = self._own_checkpoint(path)
-        state = load_checkpoint(
-            ckpt, expected_meta=self.meta(), map_location=self.device, verify=False
-        )
+        # Loaded to the host: load_state_dict copies weights onto the model's device and
+        # the optimiser puts its state by its own rules (Adam's step counters stay on the
+        # CPU; mapped onto a GPU, every update would read them back with a sync).
+        state = load_checkpoint(ckpt, expected_meta=self.meta(), map_location="cpu", verify=False)
         saved_world = int(state["meta"].get("world_size", 1))
         if saved_world != self.world.size:  # the other ranks' replays would be lost or missing
             raise CheckpointError(
@@ -297,7 +305,11 @@ class Trainer:
         returns, lengths, frames = [], [], None
         with set_exploration_type(mode):
             for i in range(episodes):
-                td = env.rollout(100_000, policy, break_when_any_done=True)
+                # The env steps on its device (CPU for simulators), the policy on the
+                # model's: rollout moves each step between them.
+                td = env.rollout(
+                    100_000, policy, break_when_any_done=True, auto_cast_to_device=True
+                )
                 returns.append(float(td.get(("next", "episode_reward"))[-1].sum()))
                 lengths.append(td.shape[0])
                 if not (video and i == 0):
@@ -324,7 +336,8 @@ class Trainer:
     def train(self, tracker: Tracker) -> dict:
         cfg, t, c = self.cfg, self.cfg.train, self.counters
         self._clock = (time.time(), c.get("wall_seconds", 0.0))
-        self.phases = Phases(self.step())
+        sync = bool(cfg.get("perf", {}).get("sync", False))
+        self.phases = Phases(self.step(), sync=self.device if sync else None)
         prune_scratch(self.scratch)
         self._load_stored_experience()
         policy = make_policy(
@@ -366,7 +379,7 @@ class Trainer:
                         break
                     if eval_due(c["updates"]) and self.world.main:
                         with self.phases("eval"):
-                            self._eval_and_log(tracker, video=False)
+                            self._eval_or_save(tracker)
                     if ckpt_due(c["updates"]):
                         if not self.check_finite():
                             break
@@ -404,7 +417,7 @@ class Trainer:
                         break
                     if eval_due(c["env_steps"]) and self.world.main:
                         with self.phases("eval"):
-                            self._eval_and_log(tracker, video=False)
+                            self._eval_or_save(tracker)
                     if ckpt_due(c["env_steps"]):
                         if not self.check_finite():  # never checkpoint a poisoned state
                             break
@@ -412,7 +425,7 @@ class Trainer:
                             self.save()
             last_eval = self.returns[-1][0] if self.returns else None
             if self.world.main and last_eval != self.step():
-                self._eval_and_log(tracker, video=bool(cfg.eval.video))  # final evaluation
+                self._eval_or_save(tracker, video=bool(cfg.eval.video))  # final evaluation
                 self._log_open_loop(tracker)
         except KeyboardInterrupt:
             # A user's stop (Ctrl-C, or SIGTERM via install_sigterm_as_interrupt): save below
@@ -538,6 +551,19 @@ class Trainer:
         frames = open_loop_video(self.agent, self.replay.sample().to(self.device))
         tracker.log_video(frames, "openloop.mp4", fps=10)
 
+    def _eval_or_save(self, tracker: Tracker, video: bool = False) -> None:
+        """Evaluate; if that fails, checkpoint the training first, then let the error end
+        the run (its record names it): a broken eval env or renderer loses no training.
+        Data-parallel, rank 0 evaluates alone and cannot save without the others: there the
+        run resumes from its latest periodic checkpoint."""
+        try:
+            self._eval_and_log(tracker, video)
+        except Exception:
+            if not self.world.multi and self.check_finite():
+                path = self.save()
+                tqdm.write(f"evaluation failed at step {self.step()}: training saved in {path}")
+            raise
+
     def _eval_and_log(self, tracker: Tracker, video: bool) -> None:
         if self.poisoned:  # the run stops: a non-finite agent's return is no result
             return
@@ -556,12 +582,15 @@ class Trainer:
 def _git_commit() -> str:
     import subprocess
 
-    out = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parent,
-    )
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except OSError:  # no git on this machine (a bare GPU image): the commit is unknown
+        return "unknown"
     return out.stdout.strip() or "unknown"
 
 

@@ -38,6 +38,7 @@ from pipelines.common import ConfigError
 SUITES = ("gym", "dmc", "atari", "crafter", "torchrl")
 DTYPES = ("float32", "bfloat16")  # dreamer_trl.precision.DTYPES, likewise
 LATENT_DTYPES = ("float16", "bfloat16", "float32")  # dreamer_trl.replay._dtype, likewise
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEVICE = r"cpu|cuda(:\d+)?"
 NAME = r"\w[\w.-]*"
@@ -299,6 +300,11 @@ class ReferenceConfig:
 
 
 @dataclass
+class PerfConfig:
+    sync: bool = spec(False)
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = spec(True)
     experiment: str | None = spec(None)
@@ -321,11 +327,13 @@ class DreamerConfig:
     run_dir: str | None = spec(None)
     resume: str | None = spec(None)
     resume_fallback: bool = spec(False, optional=True)
+    matmul_precision: str = spec("highest", choices=MATMUL_PRECISIONS, optional=True)
     train: TrainConfig = spec(factory=TrainConfig)
     replay: ReplayConfig = spec(factory=ReplayConfig)
     collector: CollectorConfig = spec(factory=CollectorConfig)
     eval: EvalConfig = spec(factory=EvalConfig)
     compile: CompileConfig = spec(factory=CompileConfig)
+    perf: PerfConfig = spec(factory=PerfConfig, optional=True)
     reference: ReferenceConfig = spec(factory=ReferenceConfig)
     tracking: TrackingConfig = spec(factory=TrackingConfig)
 
