@@ -212,3 +212,17 @@ def test_laprop_matches_torchrl_dreamerv3_optimizer():
         opt_b.step()
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_flat_agc_scaling_equals_the_foreach_one():
+    """The CUDA path of AGC's per-tensor scaling (one multiply over the concatenation),
+    run on the CPU: the same values as the foreach path, bit for bit."""
+    from dreamer_trl.optim import scale_each_flat
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(shape, generator=g) for shape in ((3, 4), (5,), (2, 2, 2), ())]
+    factors = torch.rand(len(tensors), generator=g)
+    want = torch._foreach_mul(tensors, list(factors.unbind()))
+    got = scale_each_flat(tensors, factors)
+    assert [t.shape for t in got] == [t.shape for t in tensors]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
