@@ -36,7 +36,7 @@ from .checkpoint import (
 from .collection import acting_env, env_streams, make_collector, make_policy
 from .distributed import SINGLE, World, all_true, barrier, broadcast_object, init_world
 from .envs import make_env
-from .learner import update_step
+from .learner import make_prefetch, update_step
 from .precision import resolve_dtype
 from .replay import StepReplay
 from .report import open_loop_video
@@ -118,6 +118,8 @@ class Trainer:
         # agent are built, so a bad env id or model config leaves no (empty) run dir behind.
         self.scratch = fresh_scratch_dir(self.own_dir)
         self.replay = self.make_replay(replay_capacity(cfg, self.dataset))
+        self.prefetch = make_prefetch(str(cfg.replay.get("prefetch", "auto")), self.replay,
+                                      self.device)
         self.counters = {
             "env_steps": 0,
             "updates": 0,
@@ -237,6 +239,8 @@ class Trainer:
         capacity = int(state["replay"].get("capacity", self.cfg.replay.capacity))
         if capacity != self.replay.capacity:
             self.replay = self.make_replay(capacity)
+            if self.prefetch is not None:
+                self.prefetch.replay = self.replay
         load_replay(ckpt, self.replay)
         self.agent.load_state_dict(state["agent"])
         self.agent.optimizer.load_state_dict(state["optimizer"])
@@ -266,8 +270,12 @@ class Trainer:
         return verified_checkpoint(own)
 
     # ---- one training step -----------------------------------------------------------
-    def update(self) -> TensorDictBase:
-        out = update_step(self.agent, self.replay, self.device, self.phases)
+    def update(self, ahead: bool = False) -> TensorDictBase:
+        """One learner step; ``ahead``: another follows before the next extend (so the
+        prefetch, when on, may draw its batch now)."""
+        out = update_step(
+            self.agent, self.replay, self.device, self.phases, self.prefetch, ahead
+        )
         self.counters["updates"] += 1
         return out
 
@@ -370,7 +378,7 @@ class Trainer:
         try:
             if self.offline and not done:
                 while True:
-                    means.add(self.update())
+                    means.add(self.update(ahead=True))  # no extends offline
                     bar.update(1)
                     if log_due(c["updates"]):
                         self._log_interval(tracker, means.pop(), speed(c["updates"]), last_return)
@@ -398,8 +406,9 @@ class Trainer:
                     last_return = self._record_episodes(batch, tracker, last_return)
                     if c["pretrained"] < t.get("pretrain", 0) and self.ready():
                         self._pretrain(tracker, means)
-                    for _ in range(self.updates_for(n)):
-                        means.add(self.update())
+                    due = self.updates_for(n)
+                    for k in range(due):
+                        means.add(self.update(ahead=k < due - 1))
                     if policy.random and c["env_steps"] >= t.random_steps:
                         policy.random = False
                     collector.update_policy_weights_()

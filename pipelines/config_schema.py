@@ -266,6 +266,7 @@ class ReplayConfig:
     latent_dtype: str = spec("float16", choices=LATENT_DTYPES, optional=True)  # older configs
     device: str = device("cpu")
     online: bool = spec(True)
+    prefetch: str = spec("auto", choices=("auto", "always", "never"), optional=True)
 
 
 @dataclass

@@ -87,3 +87,64 @@ def test_no_git_on_the_machine(monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", no_git)
     assert trainer_mod._git_commit() == "unknown"
+
+
+class _Replay:
+    """Records the order of samples and write-backs (what update_step asks of a replay)."""
+
+    def __init__(self):
+        self.calls, self.n = [], 0
+
+    def sample(self, device=None):
+        from tensordict import TensorDict
+
+        self.n += 1
+        self.calls.append(f"sample{self.n}")
+        return TensorDict({"id": torch.tensor(self.n)}, [])
+
+    def write_back(self, batch, deter, stoch):
+        self.calls.append(f"write_back{int(batch['id'])}")
+
+
+class _Agent(torch.nn.Module):
+    def __init__(self, replay):
+        super().__init__()
+        self.w, self.replay = torch.nn.Parameter(torch.zeros(())), replay
+
+    def update(self, batch):
+        from tensordict import TensorDict
+
+        self.replay.calls.append(f"update{int(batch['id'])}")
+        return TensorDict({"deter": torch.zeros(1), "stoch": torch.zeros(1)}, [])
+
+
+def test_prefetch_draws_one_batch_ahead_within_a_burst():
+    from dreamer_trl.learner import make_prefetch, update_step
+
+    replay = _Replay()
+    agent = _Agent(replay)
+    assert make_prefetch("auto", replay, "cpu") is None  # nothing overlaps on a CPU
+    prefetch = make_prefetch("always", replay, "cpu")
+    for k in range(3):  # a burst of three updates, then (in the trainer) an extend
+        update_step(agent, replay, "cpu", prefetch=prefetch, ahead=k < 2)
+    # The reference's order: batch k+1 is drawn before batch k's write-back; the burst's
+    # last update draws nothing, so no drawn batch waits across the extend.
+    assert replay.calls == [
+        "sample1", "update1", "sample2", "write_back1",
+        "update2", "sample3", "write_back2",
+        "update3", "write_back3",
+    ]
+    assert prefetch.ready is None
+    with pytest.raises(ValueError, match="replay.prefetch=sometimes is invalid: one of auto"):
+        make_prefetch("sometimes", replay, "cpu")
+
+
+def test_a_run_with_prefetch_trains(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    # Ratio 4: four updates per collector batch, so three of them draw ahead.
+    argv = [*tiny("pendulum"), "train.train_ratio=4", "replay.prefetch=always",
+            "tracking.enabled=false", f"run_dir={run_dir}"]
+    code, out = run_train(capsys, argv)
+    assert code == 0, out
+    state = load_checkpoint(find_checkpoint(run_dir))
+    assert state["counters"]["updates"] >= 8
