@@ -17,6 +17,9 @@
 #              on the device
 #   replay     pipelines/bench.py: the replay's ms per update at 10k and 1M stored steps, on
 #              this machine's CPU (the replay lives in host memory)
+#   switches   ms per update with TF32 matmuls, with the next batch prefetched, with CUDA
+#              graphs (compile.mode=reduce-overhead): last, so a short lease skips it first;
+#              its JSON goes into summary.json ("switches")
 # A failed step is recorded and the next one runs. The script exits 1 if any step failed.
 #
 # Environment: DEVICE (cuda; cpu for the dry run, tests/test_gpu_bench.py), QUICK=1 (tiny
@@ -93,7 +96,7 @@ step() {  # step NAME TIMEOUT CMD...: run CMD under the timeout, record how it w
 
 check=("$py" pipelines/gpu_check.py)
 opts=(--device "$dev" "${q[@]}")
-for name in ${STEPS:-preflight parity sync trainer bench replay}; do
+for name in ${STEPS:-preflight parity sync trainer bench replay switches}; do
     json=(--out "$out/$name.json")
     case $name in
         preflight) step preflight "${T_PREFLIGHT:-90}" "${check[@]}" preflight "${opts[@]}" "${json[@]}" ;;
@@ -105,21 +108,24 @@ for name in ${STEPS:-preflight parity sync trainer bench replay}; do
             out="$out/bench.json" ;;
         replay) step replay "${T_REPLAY:-90}" "$py" pipelines/bench.py "${replay[@]}" \
             out="$out/replay.json" ;;
-        *) echo "unknown step $name (valid: preflight parity sync trainer bench replay)" >&2
+        switches) step switches "${T_SWITCHES:-150}" "${check[@]}" switches "${opts[@]}" \
+            --out "$work/switches.json" ;;  # into summary.json: the tool brings back 8 files
+        *) echo "unknown step $name (valid: preflight parity sync trainer bench replay switches)" >&2
            exit 2 ;;
     esac
 done
 
 {
-    printf '{"device": "%s", "quick": %s, "seconds": %d, "ok": %s, "steps": [\n' \
+    printf '{"device": "%s", "quick": %s, "seconds": %d, "ok": %s, "switches": %s, "steps": [\n' \
         "$dev" "$([ "$quick" = 1 ] && echo true || echo false)" $((SECONDS - start)) \
-        "$([ "$failed" = 0 ] && echo true || echo false)"
+        "$([ "$failed" = 0 ] && echo true || echo false)" \
+        "$(cat "$work/switches.json" 2>/dev/null || echo null)"
     for i in "${!rows[@]}"; do
         printf '  %s%s\n' "${rows[$i]}" "$([ "$i" -lt $((${#rows[@]} - 1)) ] && echo ,)"
     done
     printf ']}\n'
 } >"$out/summary.json"
-for name in ${STEPS:-preflight parity sync trainer bench replay}; do  # in step order
+for name in ${STEPS:-preflight parity sync trainer bench replay switches}; do  # in step order
     log="$work/$name.log"  # its last 400 lines
     [ -e "$log" ] && { echo "===== $name"; tail -n 400 "$log"; }
 done >"$out/log.txt"

@@ -318,7 +318,47 @@ def _train(overrides: list[str], limit: float) -> dict:
 
 
 # ---- CLI ---------------------------------------------------------------------------------
-STEPS = {"preflight": preflight, "parity": parity, "sync": sync_audit}
+def switches(device: str, quick: bool) -> dict:
+    """The measured switches (issue 20 item 3), ms per size1m update, median: the pipeline
+    default (compiled RSSM steps), fp32 matmuls on TF32 (``matmul_precision=high``), the
+    replay step (sample → update → write_back from a memmap replay) without and with the
+    next batch drawn ahead (``replay.prefetch``), and CUDA graphs for the compiled steps
+    (``compile.mode=reduce-overhead``; CUDA only, compiles for a minute or two)."""
+    import statistics
+
+    from dreamer_trl.learner import Prefetch, update_step
+    from pipelines.bench import SIZE1M, TINY, make_ours, timed
+
+    model = TINY if quick else SIZE1M
+    reps, warm = (1, 1) if quick else (7, 2)
+    obs = {"observation": (24,)}
+
+    def ms(fn) -> float:
+        for _ in range(warm):
+            fn()
+        return round(1e3 * statistics.median(timed(fn, device) for _ in range(reps)), 2)
+
+    # The dry run (quick) stays eager: compiling on a busy CPU takes minutes, and the
+    # plumbing is what it checks.
+    compiled = None if quick else "steps"
+    update, _, agent, _ = make_ours(model, obs, device, compiled=compiled, observe_chunk=4)
+    rows = {"default": ms(update)}
+    torch.set_float32_matmul_precision("high")
+    try:
+        rows["matmul_high"] = ms(update)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    replay = _filled_replay(model)
+    for name, ahead in (("replay_step", None), ("replay_step_prefetch", Prefetch(replay, device))):
+        rows[name] = ms(lambda a=ahead: update_step(agent, replay, device, prefetch=a, ahead=True))
+    if torch.device(device).type == "cuda" and not quick:
+        graphs, _, agent2, _ = make_ours(model, obs, device)
+        agent2.compile_steps(observe_chunk=4, mode="reduce-overhead")
+        rows["cuda_graphs"] = ms(graphs)
+    return {"status": "measured", "ms_per_update": rows}
+
+
+STEPS = {"preflight": preflight, "parity": parity, "sync": sync_audit, "switches": switches}
 
 
 def main(argv: list[str]) -> int:

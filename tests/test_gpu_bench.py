@@ -87,11 +87,14 @@ def test_whole_script_dry_run_on_cpu(tmp_path):
     """Every step, tiny sizes: 4-8 min on the shared 2-core box (trainer: three train.py)."""
     # Limits for a shared, busy CPU (the device's are sized for its 16 idle cores).
     limits = dict(TOTAL_S="1800", T_PREFLIGHT="120", T_PARITY="240", T_TRAINER="600",
-                  T_RUN="200", T_BENCH="400", T_REPLAY="200")
+                  T_RUN="200", T_BENCH="400", T_REPLAY="200", T_SWITCHES="300")
     rc, summary, output = run_script(tmp_path, 1900, **limits)
     assert rc == 0, output
-    steps = ["preflight", "parity", "sync", "trainer", "bench", "replay"]
+    steps = ["preflight", "parity", "sync", "trainer", "bench", "replay", "switches"]
     assert [s["step"] for s in summary["steps"]] == steps
+    switches = summary["switches"]["ms_per_update"]
+    assert set(switches) == {"default", "matmul_high", "replay_step", "replay_step_prefetch"}
+    assert all(ms > 0 for ms in switches.values())
     parity = json.loads((tmp_path / "parity.json").read_text())
     assert parity["float32"]["pass"] and parity["bfloat16"]["pass"]
     trainer = json.loads((tmp_path / "trainer.json").read_text())
