@@ -11,7 +11,8 @@ Pieces a TorchRL pipeline can take one by one (see docs/architecture.md):
 * :class:`LaProp` — the reference optimiser (AGC → RMS → momentum, warmup);
 * acting: :class:`ActingPolicy` (a ``TensorDictModuleBase`` carrying the RSSM state) and the
   :class:`IncomingReward` env transform;
-* replay: :class:`StepReplay` (``TensorDictReplayBuffer`` + ``SliceSampler``) and the
+* replay: :class:`StepReplay` (``TensorDictReplayBuffer`` + ``StreamSliceSampler``, a TorchRL
+  ``Sampler`` keeping each stream's slices incrementally; ``SliceSampler`` selectable) and the
   transition → step conversion :func:`transitions_to_steps`;
 * :class:`DreamerV3Agent` — all of the above built from env specs and a config, with one
   ``update(batch)``; :func:`make_env` for gym / DMC / Atari;
