@@ -80,6 +80,14 @@ def init_world(world: World, device: torch.device, timeout_min: float = 60.0) ->
     return device
 
 
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another rank went away (it
+    died, or torchrun stopped it): torch's distributed errors, and gloo's socket errors,
+    which reach Python as a plain RuntimeError ("Connection reset by peer")."""
+    text = str(err)
+    return isinstance(err, dist.DistError) or ("gloo" in text and "peer" in text)
+
+
 def broadcast_module(module: nn.Module, world: World) -> None:
     """Every rank takes rank 0's parameters and buffers (the slow critic's, the return
     normaliser's included), as DDP does when it wraps a model."""

@@ -345,6 +345,11 @@ class TrainRun:
         """An exception once the MLflow run exists: FAILED with the error and traceback."""
         text = "".join(traceback.format_exception(err))
         summary = " ".join(f"{type(err).__name__}: {err}".split())[:ERROR_TAG_CHARS]
+        if self.world is not None and self.world.multi:
+            from dreamer_trl.distributed import lost_peer
+
+            if lost_peer(err):  # not this rank's fault: say whose, keep the trace in MLflow
+                return self.lost_peer(text)
         with deferred_stop(reraise=False):
             checkpoint = self.latest_checkpoint()
             gone = checkpoint is None and self.remove_run_dir()
@@ -362,6 +367,18 @@ class TrainRun:
                 else ""
             )
             print(f"error: {summary}{run}", file=sys.stderr, flush=True)
+        return 1
+
+    def lost_peer(self, text: str) -> int:
+        """This rank's collective failed because another rank died or was stopped: FAILED,
+        one line (the dead rank's own error, and torchrun's summary naming it, are its)."""
+        with deferred_stop(reraise=False):
+            checkpoint = self.latest_checkpoint() or "none"
+            summary = (f"rank {self.world.rank} lost a peer: another rank of the "
+                       f"{self.world.size}-process job died or was stopped (torchrun's failure "
+                       f"summary names it)")
+            self._record("FAILED", {"error": summary, "checkpoint": checkpoint}, text)
+            print(f"error: {summary}; resume from {checkpoint}", file=sys.stderr, flush=True)
         return 1
 
     def _record(self, status: str, tags: dict[str, str], error: str | None = None) -> None:

@@ -146,3 +146,13 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch):
     with pytest.raises(ValueError, match=r"2 processes on this machine but 1 CUDA device\(s\)"):
         init_world(World(0, 2, 0), torch.device("cuda"))
     assert not dist.is_initialized()
+
+
+def test_a_lost_peer_is_told_from_a_bug():
+    from dreamer_trl.distributed import lost_peer
+
+    gloo = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read "
+            "error [127.0.0.1]:3752: Connection reset by peer.")
+    assert lost_peer(RuntimeError(gloo))
+    assert lost_peer(dist.DistBackendError("NCCL communicator was aborted"))
+    assert not lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))

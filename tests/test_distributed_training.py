@@ -4,8 +4,10 @@ run (rank 0's record, every rank's replay), and resume only with the same proces
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,37 @@ def test_two_ranks_resume_together(two_rank_run):
     other = state_of(run / "rank1/checkpoints/step_160")
     assert main["counters"]["updates"] == other["counters"]["updates"]
     assert not differing(main["agent"], other["agent"])
+
+
+@pytest.mark.slow  # kills a rank mid-run; the classification itself is a fast test
+def test_a_rank_that_dies_stops_the_job_with_one_line(tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [*ARGS, "train.total_steps=100000", f"run_dir={tmp_path / 'run'}"]
+    env = dict(os.environ, MLFLOW_TRACKING_URI=store, PYTHONUNBUFFERED="1")
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2",
+           str(ROOT / "pipelines" / "train.py"), *args]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "run" / "rank1" / "checkpoints" / "latest").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(1)
+        os.kill(rank_pid(proc.pid, rank=1), signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-3000:]
+    assert "rank 0 lost a peer: another rank of the 2-process job died" in lines[0]
+    assert "resume from" in lines[0] and "step_" in lines[0]
+    assert "Connection reset by peer" not in err  # gloo's trace is in MLflow's error.txt
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker ``rank`` (its RANK environment variable)."""
+    for child in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"no worker with RANK={rank} under pid {launcher}")
