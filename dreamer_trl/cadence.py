@@ -102,3 +102,15 @@ class Rate:
 
     def __call__(self, steps: int) -> float:
         return (steps - self.steps0) / max(time.time() - self.t0, 1e-9)
+
+
+class Cadence:
+    """A loop's schedule from ``train.*``, counted on the run's axis from ``start``: when
+    to log, evaluate and checkpoint, where it ends (``total``), the running means of the
+    update outputs and the step rate."""
+
+    def __init__(self, t, start: int, total: int):
+        self.log = Every(t.log_every, start)
+        self.eval = Every(t.eval_every, start)
+        self.checkpoint = Every(t.checkpoint_every, start)
+        self.total, self.means, self.rate = total, Means(), Rate(start)

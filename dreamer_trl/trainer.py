@@ -20,7 +20,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
 from .agent import DreamerV3Agent
-from .cadence import Every, Means, Phases, Rate, log_line
+from .cadence import Cadence, Means, Phases, log_line
 from .checkpoint import (
     CheckpointError,
     DiskFullError,
@@ -86,6 +86,7 @@ class Trainer:
     # Non-finite guard: the one-line report once an update's losses or gradients were found
     # NaN/inf (see check_finite); a poisoned run is stopped and never checkpointed again.
     poisoned: str | None = None
+    last_return = float("nan")  # the latest finished training episode's return (log line)
 
     def __init__(self, cfg: DictConfig, run_dir: str | Path, world: World = SINGLE):
         self.cfg, self.run_dir, self.world = cfg, Path(run_dir), world
@@ -342,20 +343,22 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------
     def train(self, tracker: Tracker) -> dict:
+        """Run the loop to ``train.total_steps`` (offline: ``total_updates``), then the final
+        evaluation and checkpoint; a stop (KeyboardInterrupt) saves and returns too."""
         cfg, t, c = self.cfg, self.cfg.train, self.counters
         self._clock = (time.time(), c.get("wall_seconds", 0.0))
         sync = bool(cfg.get("perf", {}).get("sync", False))
         self.phases = Phases(self.step(), sync=self.device if sync else None)
         prune_scratch(self.scratch)
         self._load_stored_experience()
+        total = int(t.total_updates if self.offline else t.total_steps)
+        done = self.step() >= total  # a finished run resumed: nothing to do
         policy = make_policy(
             self.agent,
             self.action_spec,
             random=c["env_steps"] < t.random_steps,
             compile=bool(cfg.compile.policy),
         )
-        total = int(t.total_updates if self.offline else t.total_steps)
-        done = self.step() >= total  # a finished run resumed: nothing to do
         collector = None
         if not (done or self.offline):
             # Rank r's envs take the seeds after rank r-1's (workers x envs each).
@@ -369,69 +372,13 @@ class Trainer:
             unit="update" if self.offline else "step",
             dynamic_ncols=True,
         )
-        means, speed = Means(), Rate(self.step())
-        last_return = float("nan")
-        log_due = Every(t.log_every, self.step())
-        eval_due = Every(t.eval_every, self.step())
-        ckpt_due = Every(t.checkpoint_every, self.step())
+        cadence = Cadence(t, self.step(), total)
         status = "FINISHED"
         try:
             if self.offline and not done:
-                while True:
-                    means.add(self.update(ahead=True))  # no extends offline
-                    bar.update(1)
-                    if log_due(c["updates"]):
-                        self._log_interval(tracker, means.pop(), speed(c["updates"]), last_return)
-                        self.check_disk()
-                    if self.poisoned or c["updates"] >= total:
-                        break
-                    if eval_due(c["updates"]) and self.world.main:
-                        with self.phases("eval"):
-                            self._eval_or_save(tracker)
-                    if ckpt_due(c["updates"]):
-                        if not self.check_finite():
-                            break
-                        with self.phases("checkpoint"):
-                            self.save()
+                self._offline_loop(tracker, cadence, bar)
             elif not done:
-                batches = iter(collector)
-                while True:
-                    with self.phases("collect"):  # acting and env steps
-                        batch = next(batches)
-                    n = batch.numel()
-                    with self.phases("extend"):
-                        for stream, steps in env_streams(batch.cpu()):
-                            self.replay.extend(steps, stream=stream)
-                    c["env_steps"] += n
-                    last_return = self._record_episodes(batch, tracker, last_return)
-                    if c["pretrained"] < t.get("pretrain", 0) and self.ready():
-                        self._pretrain(tracker, means)
-                    due = self.updates_for(n)
-                    for k in range(due):
-                        means.add(self.update(ahead=k < due - 1))
-                    if policy.random and c["env_steps"] >= t.random_steps:
-                        policy.random = False
-                    collector.update_policy_weights_()
-                    fps = speed(c["env_steps"])
-                    bar.update(n)
-                    bar.set_postfix(
-                        updates=c["updates"], fps=f"{fps:.1f}", ret=f"{last_return:.1f}"
-                    )
-                    if log_due(c["env_steps"]):
-                        self._log_interval(tracker, means.pop(), fps, last_return)
-                        self.check_disk()
-                    if self.poisoned:  # non-finite guard, read at log time: stop unsaved
-                        break
-                    if c["env_steps"] >= t.total_steps:
-                        break
-                    if eval_due(c["env_steps"]) and self.world.main:
-                        with self.phases("eval"):
-                            self._eval_or_save(tracker)
-                    if ckpt_due(c["env_steps"]):
-                        if not self.check_finite():  # never checkpoint a poisoned state
-                            break
-                        with self.phases("checkpoint"):
-                            self.save()
+                self._online_loop(tracker, cadence, bar, policy, collector)
             last_eval = self.returns[-1][0] if self.returns else None
             if self.world.main and last_eval != self.step():
                 self._eval_or_save(tracker, video=bool(cfg.eval.video))  # final evaluation
@@ -444,11 +391,72 @@ class Trainer:
             if collector is not None:
                 collector.shutdown()
             bar.close()
+        return self._finish(tracker, status)
+
+    def _online_loop(self, tracker: Tracker, cadence: Cadence, bar: tqdm, policy,
+                     collector) -> None:
+        """Collect a batch → replay → the updates it is owed → cadence, until done."""
+        c, t = self.counters, self.cfg.train
+        batches = iter(collector)
+        while True:
+            with self.phases("collect"):  # acting and env steps
+                batch = next(batches)
+            n = batch.numel()
+            with self.phases("extend"):
+                for stream, steps in env_streams(batch.cpu()):
+                    self.replay.extend(steps, stream=stream)
+            c["env_steps"] += n
+            self._record_episodes(batch, tracker)
+            if c["pretrained"] < t.get("pretrain", 0) and self.ready():
+                self._pretrain(tracker, cadence.means)
+            due = self.updates_for(n)
+            for k in range(due):  # all but the last may prefetch: no extend comes between
+                cadence.means.add(self.update(ahead=k < due - 1))
+            if policy.random and c["env_steps"] >= t.random_steps:
+                policy.random = False
+            collector.update_policy_weights_()
+            fps = cadence.rate(c["env_steps"])
+            bar.update(n)
+            bar.set_postfix(updates=c["updates"], fps=f"{fps:.1f}", ret=f"{self.last_return:.1f}")
+            if self._after(tracker, cadence, c["env_steps"], fps):
+                return
+
+    def _offline_loop(self, tracker: Tracker, cadence: Cadence, bar: tqdm) -> None:
+        """Updates from the stored experience alone → cadence, until done."""
+        c = self.counters
+        while True:
+            cadence.means.add(self.update(ahead=True))  # no extends offline
+            bar.update(1)
+            if self._after(tracker, cadence, c["updates"], cadence.rate(c["updates"])):
+                return
+
+    def _after(self, tracker: Tracker, cadence: Cadence, x: int, rate: float) -> bool:
+        """What is due at step ``x`` of the run's axis: log (and the disk check), the end,
+        evaluation (rank 0), checkpoint. True: stop the loop (done, or the non-finite guard
+        tripped: a poisoned state is never checkpointed)."""
+        if cadence.log(x):
+            self._log_interval(tracker, cadence.means.pop(), rate)
+            self.check_disk()
+        if self.poisoned or x >= cadence.total:  # the guard is read at log time
+            return True
+        if cadence.eval(x) and self.world.main:
+            with self.phases("eval"):
+                self._eval_or_save(tracker)
+        if cadence.checkpoint(x):
+            if not self.check_finite():
+                return True
+            with self.phases("checkpoint"):
+                self.save()
+        return False
+
+    def _finish(self, tracker: Tracker, status: str) -> dict:
+        """The last checkpoint (unless the guard tripped, or data-parallel ranks were
+        stopped wherever each was) and train's result."""
         if not self.check_finite():  # non-finite guard: the last finite checkpoint stays latest
             return self._poisoned_result(tracker)
         if status == "STOPPED" and self.world.multi:
-            # The ranks were stopped wherever each was (torchrun signals them all): no
-            # collective save; the run resumes from its latest periodic checkpoint.
+            # torchrun signals every rank at once: no collective save; the run resumes
+            # from its latest periodic checkpoint.
             latest = self._latest_checkpoint()
             return {"status": status, "checkpoint": None if latest == "none" else latest,
                     **self.counters}
@@ -519,11 +527,11 @@ class Trainer:
             **self.counters,
         }
 
-    def _record_episodes(self, batch: TensorDictBase, tracker: Tracker, last: float) -> float:
-        """Count and log the episodes that ended in ``batch``; returns the latest return."""
+    def _record_episodes(self, batch: TensorDictBase, tracker: Tracker) -> None:
+        """Count and log the episodes that ended in ``batch``; keep the latest return."""
         ends = batch.get(("next", "done")).reshape(-1)
         if not ends.any():
-            return last
+            return
         rets = batch.get(("next", "episode_reward")).reshape(-1)[ends]
         lengths = batch.get(("next", "step_count")).reshape(-1)[ends]
         self.counters["episodes"] += int(ends.sum())
@@ -532,9 +540,9 @@ class Trainer:
             "train/episode_length": float(lengths.float().mean()),
         }
         tracker.log_metrics(episode, self.counters["env_steps"])
-        return float(rets[-1])
+        self.last_return = float(rets[-1])
 
-    def _log_interval(self, tracker: Tracker, means: dict, fps: float, last: float) -> None:
+    def _log_interval(self, tracker: Tracker, means: dict, fps: float) -> None:
         """The interval's mean losses/metrics and the run's counters, to MLflow (and a
         line on stdout when there is no progress bar: background runs)."""
         self.check_finite()  # log time: the guard's one host sync per interval
@@ -551,7 +559,7 @@ class Trainer:
         logged.update(self.phases.pop(self.step()))
         tracker.log_metrics(logged, self.step())
         if not self.cfg.train.progress and self.world.main:
-            print(log_line(c, fps, last, logged), flush=True)
+            print(log_line(c, fps, self.last_return, logged), flush=True)
 
     def _log_open_loop(self, tracker: Tracker) -> None:
         """Open-loop prediction video (pixel envs): real vs imagined frames."""

@@ -178,10 +178,10 @@ def test_a_crash_mid_run_marks_the_run_failed_with_error_and_traceback(
     run_dir = workdir / "run"
     update = Trainer.update
 
-    def failing_update(self):  # a bug in the 3rd update, after the step-32 checkpoint
+    def failing_update(self, ahead=False):  # a bug in the 3rd update, after step 32's checkpoint
         if self.counters["updates"] == 2:
             raise ZeroDivisionError("injected fault in update 3")
-        return update(self)
+        return update(self, ahead)
 
     monkeypatch.setattr(Trainer, "update", failing_update)
     code, out, err = run_train(

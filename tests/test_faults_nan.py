@@ -204,8 +204,8 @@ def poisoned_replay(monkeypatch) -> dict:
     seen = {"samples": 0}
     sample = StepReplay.sample
 
-    def nan_sample(self):
-        batch = sample(self)
+    def nan_sample(self, device=None):
+        batch = sample(self, device)
         seen["samples"] += 1
         if seen["samples"] >= POISON_FROM:
             reward = batch.get("reward").clone()

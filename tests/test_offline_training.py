@@ -100,7 +100,7 @@ def test_offline_wm_loss_falls(source_run, tmp_path):
     cfg = compose_config(offline(tmp_path / "o", source_run, *fast))
     trainer = Trainer(cfg, tmp_path / "o")
     losses = []  # the world model's loss (the sum of its five terms) per log interval
-    trainer._log_interval = lambda tracker, means, fps, last: losses.append(
+    trainer._log_interval = lambda tracker, means, fps: losses.append(
         sum(float(means[k]) for k in WORLD_MODEL_LOSSES)
     )
     assert trainer.train(OFF)["status"] == "FINISHED"
