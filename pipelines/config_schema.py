@@ -38,6 +38,7 @@ from pipelines.common import ConfigError
 SUITES = ("gym", "dmc", "atari", "crafter", "torchrl")
 DTYPES = ("float32", "bfloat16")  # dreamer_trl.precision.DTYPES, likewise
 LATENT_DTYPES = ("float16", "bfloat16", "float32")  # dreamer_trl.replay._dtype, likewise
+COLLECTOR_BACKENDS = ("local", "distributed", "rpc", "ray")  # dreamer_trl.collection.BACKENDS
 MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEVICE = r"cpu|cuda(:\d+)?"
@@ -271,6 +272,7 @@ class ReplayConfig:
 
 @dataclass
 class CollectorConfig:
+    backend: str = spec("local", choices=COLLECTOR_BACKENDS, optional=True)
     num_workers: int = positive(1)
     envs: int = positive(1)
     parallel: bool = spec(False)
@@ -295,14 +297,14 @@ class CompileConfig:
 
 
 @dataclass
-class ReferenceConfig:
-    file: str | None = spec(None)
-    task: str | None = spec(None)
+class PerfConfig:
+    sync: bool = spec(False)
 
 
 @dataclass
-class PerfConfig:
-    sync: bool = spec(False)
+class ReferenceConfig:
+    file: str | None = spec(None)
+    task: str | None = spec(None)
 
 
 @dataclass
