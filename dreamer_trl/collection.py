@@ -6,6 +6,7 @@ steps them with the acting policy.
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import pickle
 import socket
 import sys
@@ -150,6 +151,10 @@ def remote_collector(backend: str, fns: list, policy: ActingPolicy, **kwargs) ->
     if backend not in BACKENDS[1:]:
         raise ValueError(f"collector.backend={backend} is invalid: must be one of "
                          f"{', '.join(BACKENDS)}")
+    # One torch thread a worker, as TorchRL's local multi-process collectors set theirs
+    # (num_sub_threads=1): its remote ones leave torch's default, and workers that step
+    # their envs all the time with a thread per core starve the learner's update.
+    fns = [functools.partial(_one_thread, fn) for fn in fns]
     # total_frames=-1 (endless) makes the remote collectors' iterators yield nothing in
     # torchrl 0.14.1 (they loop while frames < total_frames): endless is a huge count there.
     kwargs["total_frames"] = sys.maxsize
@@ -325,6 +330,14 @@ class RPCEnvWorkers(RPCCollector):
                     scheme.shutdown()
                 if torch.distributed.is_initialized():
                     torch.distributed.destroy_process_group()
+
+
+def _one_thread(make_env):
+    """``make_env()``, in a remote worker after setting its process to one torch thread
+    (where the learner's process calls it, say for specs, its threads stay as they are)."""
+    if multiprocessing.parent_process() is not None:
+        torch.set_num_threads(1)
+    return make_env()
 
 
 def dead_worker_error(jobs: list, grace: float = 0.0) -> RuntimeError | None:
