@@ -3,6 +3,7 @@ run (rank 0's record, every rank's replay), and resume only with the same proces
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -142,3 +143,19 @@ def rank_pid(launcher: int, rank: int) -> int:
         if f"RANK={rank}".encode() in environ:
             return int(child)
     raise AssertionError(f"no worker with RANK={rank} under pid {launcher}")
+
+
+@pytest.mark.slow  # a benchmark's plumbing: two spawned ranks, ~1 min
+def test_ddp_bench_prints_and_writes_its_rows(tmp_path):
+    out = tmp_path / "bench_ddp.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "bench_ddp.py"), "updates=1", "warmup=1",
+         "batch=2", "seq=8", "compile_steps=false", f"out={out}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "scaling efficiency" in proc.stdout
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert rows["1 process"]["allreduce_ms"] == 0 and rows["2 ranks"]["allreduce_ms"] > 0
+    assert rows["2 ranks"]["seqs_per_s"] > 0 and report["efficiency"] > 0
