@@ -12,3 +12,19 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """``tiny_run(env)``: the run dir of a finished untracked ``tiny.train_tiny`` run of
+    ``env``, trained once per session on first use. Read only (copy it to change it)."""
+    from tiny import train_tiny
+
+    root, runs = tmp_path_factory.mktemp("tiny_runs"), {}
+
+    def get(env: str):
+        if env not in runs:
+            runs[env] = train_tiny(root, env)
+        return runs[env]
+
+    return get

@@ -10,13 +10,14 @@ import pytest
 import torch
 import yaml
 from tensordict import TensorDict
+from tiny import MODEL
 from torchrl.data import Bounded, Categorical, Composite, OneHot, Unbounded
 
 from dreamer_trl.agent import DreamerV3Agent, action_info, obs_space_from_spec
 from dreamer_trl.world_model import ObsSpace
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY = dict(deter=64, hidden=16, classes=4, units=16, depth=2)
+TINY = MODEL
 FAST = {"optim": {"lr": 1e-3, "warmup": 0}}
 
 

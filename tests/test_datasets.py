@@ -21,6 +21,8 @@ gym = pytest.importorskip("gymnasium")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tiny import MODEL  # noqa: E402
+
 from dreamer_trl.agent import DreamerV3Agent  # noqa: E402
 from dreamer_trl.datasets import (  # noqa: E402
     DATASET_STREAM,
@@ -32,7 +34,7 @@ from dreamer_trl.envs import make_env  # noqa: E402
 from dreamer_trl.offline import heldout_loss, pretrain  # noqa: E402
 from dreamer_trl.replay import StepReplay  # noqa: E402
 
-TINY = dict(deter=64, hidden=16, classes=4, units=16, depth=2)
+TINY = MODEL
 FAST = {"optim": {"lr": 1e-3, "warmup": 0}, "imag_dtype": "float32"}
 # Minari asks for an eval env and an env spec; these test datasets need neither.
 pytestmark = pytest.mark.filterwarnings("ignore:.*(eval_env|env_spec).*:UserWarning")

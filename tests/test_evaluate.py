@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,41 +18,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines import evaluate, train  # noqa: E402
+from pipelines import evaluate  # noqa: E402
 from pipelines.common import run_cli  # noqa: E402
-
-TINY = [
-    "env=cartpole",
-    "model.deter=64",
-    "model.hidden=16",
-    "model.units=16",
-    "model.classes=4",
-    "train.total_steps=64",
-    "train.train_start=32",
-    "train.random_steps=32",
-    "train.batch_size=2",
-    "train.seq_len=8",
-    "train.train_ratio=1",  # 1 update per 16 env steps: the model barely matters here
-    "train.log_every=32",
-    "train.eval_episodes=1",
-    "train.progress=false",
-    "replay.capacity=1000",
-    "tracking.enabled=false",
-    "compile.policy=false",
-    "compile.steps=false",
-    "eval.video=false",
-    "device=cpu",
-]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tiny_run, tmp_path_factory) -> Path:
+    """A copy of the session's tiny cartpole run (tests/tiny.py): evaluations write into it."""
     run = tmp_path_factory.mktemp("evaluate") / "run"
-    handler = signal.getsignal(signal.SIGTERM)  # train.main turns SIGTERM into Ctrl-C
-    try:
-        assert train.main([*TINY, f"run_dir={run}"]) == 0
-    finally:
-        signal.signal(signal.SIGTERM, handler)
+    shutil.copytree(tiny_run("cartpole"), run, symlinks=True)
     return run
 
 

@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from test_inference import train_tiny  # noqa: E402
+from tiny import train_tiny  # noqa: E402
 
 from dreamer_trl import load_policy  # noqa: E402
 from dreamer_trl.export import (  # noqa: E402
@@ -55,8 +55,8 @@ def tracked(tmp_path_factory, store) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def pendulum(tmp_path_factory) -> Path:
-    return train_tiny(tmp_path_factory.mktemp("export"), "pendulum")
+def pendulum(tiny_run) -> Path:
+    return tiny_run("pendulum")
 
 
 @pytest.fixture(scope="module")

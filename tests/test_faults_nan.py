@@ -25,6 +25,8 @@ from torchrl.data import Bounded, Composite, Unbounded
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tiny import MODEL  # noqa: E402
+
 from dreamer_trl.agent import DreamerV3Agent  # noqa: E402
 from dreamer_trl.checkpoint import find_checkpoint, load_checkpoint  # noqa: E402
 from dreamer_trl.functional import twohot_bins, twohot_nll  # noqa: E402
@@ -32,7 +34,7 @@ from dreamer_trl.replay import StepReplay  # noqa: E402
 from pipelines import train  # noqa: E402
 from pipelines.common import run_cli  # noqa: E402
 
-TINY_MODEL = dict(deter=64, hidden=16, classes=4, units=16, depth=2)
+TINY_MODEL = MODEL
 LOSSES = ("rec", "rew", "con", "dyn", "rep", "policy", "value", "repval")
 # Tensor methods that copy a value to the host (on a GPU: wait for the queued work).
 SYNCS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensordict import TensorDict
+from tiny import MODEL
 from torchrl.data import Bounded, Composite, Unbounded
 
 from dreamer_trl.agent import PARTS, DreamerV3Agent
@@ -18,7 +19,7 @@ from dreamer_trl.optim import LaProp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TINY = dict(deter=64, hidden=16, classes=4, units=16, depth=2)
+TINY = MODEL
 FAST = {"optim": {"lr": 1e-3, "warmup": 0}, "imag_dtype": "float32"}
 ADAM = {"optim": {"name": "adam", "model_lr": 1e-3, "actor_lr": 1e-3, "critic_lr": 1e-3}}
 

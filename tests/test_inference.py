@@ -6,7 +6,6 @@ bad input is one line; the README's "Using a trained agent" example runs."""
 from __future__ import annotations
 
 import re
-import signal
 import sys
 from pathlib import Path
 
@@ -26,48 +25,14 @@ from dreamer_trl.checkpoint import CheckpointError  # noqa: E402
 from dreamer_trl.envs import make_env  # noqa: E402
 from dreamer_trl.inference import ActionSpace, Policy, PolicyState  # noqa: E402
 from dreamer_trl.world_model import ObsSpace  # noqa: E402
-from pipelines import train  # noqa: E402
 
-TINY = [
-    "model.deter=64",
-    "model.hidden=16",
-    "model.units=16",
-    "model.classes=4",
-    "train.total_steps=64",
-    "train.train_start=32",
-    "train.random_steps=32",
-    "train.batch_size=2",
-    "train.seq_len=8",
-    "train.train_ratio=1",
-    "train.log_every=32",
-    "train.eval_episodes=1",
-    "train.progress=false",
-    "replay.capacity=1000",
-    "tracking.enabled=false",
-    "compile.policy=false",
-    "compile.steps=false",
-    "eval.video=false",
-    "device=cpu",
-]
 TASKS = {"cartpole": "CartPole-v1", "pendulum": "Pendulum-v1"}
 SIZE = dict(deter=64, hidden=16, classes=4, units=16, depth=4)
 
 
-def train_tiny(root: Path, env: str, extra: tuple[str, ...] = ()) -> Path:
-    """Train a 64-step run of ``env`` into ``root/env``; returns its run dir."""
-    run_dir = root / env
-    handler = signal.getsignal(signal.SIGTERM)  # train.main turns SIGTERM into Ctrl-C
-    try:
-        assert train.main([f"env={env}", *TINY, *extra, f"run_dir={run_dir}"]) == 0
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-    return run_dir
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("inference")
-    return {env: train_tiny(root, env) for env in TASKS}
+def runs(tiny_run) -> dict[str, Path]:
+    return {env: tiny_run(env) for env in TASKS}
 
 
 def one_line(err: pytest.ExceptionInfo, *words: str) -> None:

@@ -449,7 +449,13 @@ def _ignore_sigint() -> None:
 
 @pytest.mark.parametrize(
     ("sig", "preexec"),
-    [(signal.SIGINT, None), (signal.SIGTERM, None), (signal.SIGINT, _ignore_sigint)],
+    [
+        # fast: test_faults_lifecycle.py's test_sigint_mid_run_is_resumable_with_make_train_
+        # and_no_env sends a plain SIGINT mid-run; checks the checkpoint, exit 130, resume
+        pytest.param(signal.SIGINT, None, marks=pytest.mark.slow),
+        (signal.SIGTERM, None),
+        (signal.SIGINT, _ignore_sigint),
+    ],
     ids=["SIGINT", "SIGTERM", "SIGINT-background-job"],
 )
 def test_signal_saves_a_checkpoint_and_exits_130(sig, preexec, tmp_path, store):
@@ -594,6 +600,8 @@ def test_make_train_runs_the_pipeline():
     assert dry_run("train") == [[".venv/bin/python", "pipelines/train.py", "env=dmc_walker"]]
 
 
+# fast: test_faults_lifecycle.py::test_sigint_mid_run_is_resumable_with_make_train_and_no_env
+@pytest.mark.slow
 def test_make_train_resumes_a_cartpole_run(workdir, capsys):
     """`make train ARGS="resume=<dir>"` (the README's command) works for a non-walker run."""
     run_dir = workdir / "run"
