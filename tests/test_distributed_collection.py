@@ -10,6 +10,7 @@ test is the last to use it: it kills a worker and shuts the collector down.
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from test_pipeline import tiny  # noqa: E402
 
-from dreamer_trl import trainer as trainer_module  # noqa: E402
+from dreamer_trl.checkpoint import find_checkpoint, load_checkpoint  # noqa: E402
 from dreamer_trl.collection import (  # noqa: E402
     BACKENDS,
     env_streams,
@@ -32,7 +33,6 @@ from dreamer_trl.collection import (  # noqa: E402
     remote_collector,
 )
 from dreamer_trl.policy import ActingPolicy  # noqa: E402
-from dreamer_trl.tracking import Tracker  # noqa: E402
 from dreamer_trl.trainer import Trainer  # noqa: E402
 from pipelines.common import ConfigError, compose_config  # noqa: E402
 
@@ -70,6 +70,29 @@ def acts_with(policy: ActingPolicy, batch: TensorDictBase) -> bool:
 
 def gone(pid: int) -> bool:
     return not Path(f"/proc/{pid}").exists()
+
+
+# --------------------------------------------------------------------------- a training run
+
+
+@pytest.mark.slow  # two worker processes and a training run: ~1 min alone, more when busy
+@pytest.mark.parametrize("backend", ["distributed", "rpc"])
+def test_training_on_remote_workers(tmp_path, backend):
+    """train.py on remote workers finishes, and every worker's env steps reach replay as
+    their own stream. In a process of its own: a second remote collector started in one
+    process after another (the shared collectors below) can hang there."""
+    run_dir = tmp_path / "run"
+    argv = [*tiny("cartpole", f"collector.backend={backend}", "collector.num_workers=2",
+                  "train.total_steps=160", "train.train_ratio=2"),
+            "tracking.enabled=false", f"run_dir={run_dir}"]
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "train.py"), *argv],
+                          capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "finished: 160 env steps" in proc.stdout
+    state = load_checkpoint(find_checkpoint(run_dir))
+    assert state["counters"]["updates"] > 0
+    streams = {int(k): int(v) for k, v in state["replay"]["stream_steps"].items()}
+    assert set(streams) == {0, 1} and all(n > 0 for n in streams.values()), streams
 
 
 @pytest.fixture(scope="module", params=["distributed", pytest.param("rpc", marks=pytest.mark.slow)])
@@ -200,32 +223,3 @@ def test_ray_absent_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"^collector.backend=ray needs ray, which is not "
                        r"installed \(pip install ray\); collector.backend=distributed"):
         make_collector(cfg, policy, seed=0)
-
-
-# --------------------------------------------------------------------------- a training run
-
-
-@pytest.mark.slow  # two worker processes and a training run: ~1 min alone, more when busy
-@pytest.mark.parametrize("backend", ["distributed", "rpc"])
-def test_training_on_remote_workers(tmp_path, monkeypatch, backend):
-    """The trainer's loop on remote workers: every env's steps reach replay as their own
-    stream, the run finishes, and its shutdown leaves no worker behind."""
-    made = []
-
-    def recording(*args, **kwargs):
-        made.append(make_collector(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(trainer_module, "make_collector", recording)
-    cfg = compose_config(tiny(
-        "cartpole", f"collector.backend={backend}", "collector.num_workers=2",
-        "train.total_steps=160", "train.train_ratio=2",
-    ))
-    trainer = Trainer(cfg, tmp_path / "run")
-    with deadline(400):
-        result = trainer.train(Tracker("remote", run_name="r", enabled=False))
-    assert result["status"] == "FINISHED" and trainer.counters["updates"] > 0
-    from test_batched_envs import check_streams, stored_steps
-
-    check_streams(stored_steps(trainer), {0, 1})
-    assert all(gone(job.pid) for job in made[0].jobs)
