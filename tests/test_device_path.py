@@ -55,9 +55,12 @@ def test_acting_policy_holds_only_what_acting_reads():
     assert policy.world_model.rssm is wm.rssm and policy.world_model.encoder is wm.encoder
 
 
-def test_matmul_precision_is_checked():
+def test_matmul_precision_and_prefetch_are_checked():
     with pytest.raises(ConfigError, match="matmul_precision.*highest, high, medium"):
         compose_config(["env=pendulum", "matmul_precision=fast"])
+    with pytest.raises(ConfigError, match="replay.prefetch=sometimes is invalid: must be one "
+                                          "of auto, always, never"):
+        compose_config(["env=pendulum", "replay.prefetch=sometimes"])
 
 
 def test_an_eval_failure_saves_the_training_first(tmp_path, capsys, monkeypatch):

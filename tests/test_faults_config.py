@@ -204,8 +204,8 @@ def test_schema_defaults_are_the_default_composition(composed):
 
 def test_a_key_without_a_schema_entry_is_refused(composed):
     cfg = copy.deepcopy(composed["base"])
-    cfg["replay"]["prefetch"] = 2
-    with pytest.raises(ConfigError, match="unknown config key 'replay.prefetch'; valid keys"):
+    cfg["replay"]["prefetch_depth"] = 2
+    with pytest.raises(ConfigError, match="unknown config key 'replay.prefetch_depth'; valid keys"):
         validate(cfg)
     with pytest.raises(ConfigError, match="unknown config key 'train.nope'"):
         compose_config(["+train.nope=1"])  # added with '+', which Hydra lets through
