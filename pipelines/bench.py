@@ -87,18 +87,21 @@ SIZE12M = dict(name="size12m", deter=2048, hidden=256, classes=16, units=256, de
 TINY = dict(SIZE1M, name="tiny", deter=64, hidden=16, units=16, depth=2)  # quick=true
 
 
-def parse_options(argv: list[str]) -> dict:
-    opts = dict(OPTIONS)
+def parse_options(argv: list[str], options: dict | None = None) -> dict:
+    """key=value arguments over ``options`` (default: this benchmark's), typed like them."""
+    options = OPTIONS if options is None else options
+    opts = dict(options)
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep or key not in OPTIONS:
-            raise ConfigError(f"unknown option {arg!r}; valid: {', '.join(OPTIONS)}")
-        default = OPTIONS[key]
+        if not sep or key not in options:
+            raise ConfigError(f"unknown option {arg!r}; valid: {', '.join(options)}")
+        default = options[key]
         if isinstance(default, bool):
             opts[key] = value.lower() in ("1", "true", "yes")
         else:
             opts[key] = type(default)(value)
-    opts["devices"] = parse_devices(opts["devices"])
+    if "devices" in opts:
+        opts["devices"] = parse_devices(opts["devices"])
     return opts
 
 

@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipelines.bench import SIZE1M, git_commit, make_ours  # noqa: E402
+from pipelines.bench import SIZE1M, git_commit, make_ours, parse_options  # noqa: E402
 from pipelines.common import ConfigError, run_cli  # noqa: E402
 
 OPTIONS = {"ranks": 2, "updates": 6, "warmup": 2, "batch": 16, "seq": 64,
@@ -39,18 +39,7 @@ OBS = {"observation": (24,)}
 
 
 def parse(argv: list[str]) -> dict:
-    opts = dict(OPTIONS)
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key not in opts or not value:
-            raise ConfigError(f"bad option {arg!r}: valid are " + ", ".join(f"{k}=" for k in opts))
-        default = opts[key]
-        if isinstance(default, bool):
-            opts[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, int):
-            opts[key] = int(value)
-        else:
-            opts[key] = value
+    opts = parse_options(argv, OPTIONS)
     if opts["ranks"] < 2:
         raise ConfigError(f"ranks={opts['ranks']}: must be >= 2 (1 is the baseline it runs anyway)")
     return opts
