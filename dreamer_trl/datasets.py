@@ -74,6 +74,8 @@ class DatasetInfo:
     episodes: int  # complete episodes (a run's replay may also hold partial ones)
     steps: int  # steps added to the replay
     streams: tuple[int, ...]
+    heldout_episodes: int = 0  # episodes put into the held-out replay instead
+    heldout_steps: int = 0
 
 
 # --------------------------------------------------------------------------- in
@@ -86,6 +88,9 @@ def load_dataset(
     *,
     stream: int = DATASET_STREAM,
     queue: bool = False,
+    heldout: StepReplay | None = None,
+    heldout_every: int = 0,
+    train: bool = True,
 ) -> DatasetInfo:
     """Add the steps of ``source`` (Minari path or local id, run dir or checkpoint) to
     ``replay``, after checking its spaces against ``agent``'s.
@@ -93,7 +98,14 @@ def load_dataset(
     ``queue``: also put its sequences in the online queue (a batch takes queued sequences
     first, so the first updates would sweep the whole dataset in order and online steps
     would wait behind it); by default the dataset is sampled uniformly only.
+
+    ``heldout``, ``heldout_every`` = k: every k-th complete episode of each stream goes to
+    ``heldout`` instead (a validation set the agent never trains on), with the agent's
+    initial latents as replay context, since no posterior of this agent exists for it.
+    ``train=False`` fills only ``heldout`` (a resumed run's replay already holds the rest).
     """
+    if heldout is not None and heldout_every < 2:
+        raise ValueError(f"heldout_every={heldout_every} is invalid: must be >= 2 with heldout")
     src = open_dataset(source)
     check_fits(src, agent)
     if src.size > replay.capacity:
@@ -101,21 +113,44 @@ def load_dataset(
             f"dataset {src.name} gives {src.size:,} steps, more than the replay holds "
             f"(capacity {replay.capacity:,}); valid: replay.capacity >= {src.size:,}"
         )
-    batches = src.transitions(agent.world_model.rssm.initial)
-    added, streams = 0, set()
+    initial = agent.world_model.rssm.initial
+    batches = src.transitions(initial)
+    added, streams, begun = 0, set(), {}
+    held_episodes = held_steps = 0
     while True:
         with _readable(src.name):  # reading the source, not writing the replay
             item = next(batches, None)
         if item is None:
             break
         offset, transitions = item
-        added += replay.extend(transitions, stream=stream + offset)
-        streams.add(stream + offset)
+        if heldout is not None:
+            number = begun.get(offset, 0) + torch.cumsum(transitions.get("is_init").reshape(-1), 0)
+            begun[offset] = int(number[-1])
+            held = (number > 0) & (number % heldout_every == 0)
+            if held.any():
+                part = with_initial_latents(transitions[held], initial)
+                held_episodes += int(part.get("is_init").sum())
+                held_steps += heldout.extend(part, stream=stream + offset)
+            transitions = transitions[~held]
+        if train and transitions.shape[0]:
+            added += replay.extend(transitions, stream=stream + offset)
+            streams.add(stream + offset)
     if not queue:
         # The online queue is public state of StepReplay; its pending tails of these
         # streams stay (under T+1 indices each) and are never completed.
         replay.queue = deque(entry for entry in replay.queue if entry[0] not in streams)
-    return DatasetInfo(src.name, src.kind, src.episodes, added, tuple(sorted(streams)))
+    return DatasetInfo(src.name, src.kind, src.episodes, added, tuple(sorted(streams)),
+                       held_episodes, held_steps)
+
+
+def with_initial_latents(transitions: TensorDictBase, initial) -> TensorDictBase:
+    """``transitions`` [n] with the latents ``initial(n)`` (the RSSM's initial state)."""
+    deter, stoch = initial(transitions.shape[0])
+    out = transitions.clone(False)
+    for key, value in ((("next", "deter"), deter), (("next", "stoch"), stoch)):
+        like = out.get(key)
+        out.set(key, value.to(like.device, like.dtype))
+    return out
 
 
 def open_dataset(source: str | Path) -> MinariSource | RunSource:

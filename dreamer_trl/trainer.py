@@ -37,11 +37,15 @@ from .collection import acting_env, env_streams, make_collector, make_policy
 from .distributed import SINGLE, World, all_true, barrier, broadcast_object, init_world
 from .envs import make_env
 from .learner import make_prefetch, update_step
+from .offline import heldout_loss
 from .precision import resolve_dtype
 from .replay import StepReplay
 from .report import open_loop_video
 from .runtime import keep_freed_memory
 from .tracking import Tracker, flatten_config
+
+# Batches (B x T+1 each) the held-out world-model losses average at each log.
+HELDOUT_BATCHES = 4
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,6 +123,7 @@ class Trainer:
         # agent are built, so a bad env id or model config leaves no (empty) run dir behind.
         self.scratch = fresh_scratch_dir(self.own_dir)
         self.replay = self.make_replay(replay_capacity(cfg, self.dataset))
+        self.heldout: StepReplay | None = None  # train.heldout_every's episodes (train())
         self.prefetch = make_prefetch(str(cfg.replay.get("prefetch", "auto")), self.replay,
                                       self.device)
         self.counters = {
@@ -219,6 +224,21 @@ class Trainer:
             cfg.replay.device,
             online=bool(cfg.replay.online),
             latent_dtype=cfg.replay.get("latent_dtype", "float32"),  # older configs: float32
+        )
+
+    def make_heldout(self) -> StepReplay | None:
+        """The replay of train.heldout_every's held-out episodes (never trained on, not
+        checkpointed: refilled from the dataset on resume), or None. Memmap in host memory
+        whatever replay.storage is: a validation set needs no fast path. Made after any
+        resume: the live replay's scratch dir must be empty when a dump is loaded into it."""
+        every = int(self.cfg.train.get("heldout_every", 0) or 0)
+        if self.dataset is None or not every:
+            return None
+        t = self.cfg.train
+        return StepReplay(
+            self.dataset.size, t.batch_size, t.seq_len + 1, self.agent.obs_space.keys,
+            "memmap", str(self.scratch / "heldout"), "cpu", online=False,
+            latent_dtype=self.cfg.replay.get("latent_dtype", "float32"),
         )
 
     def load(self, path: str | Path) -> None:
@@ -466,17 +486,26 @@ class Trainer:
 
     # ---- stored experience -------------------------------------------------------------
     def _load_stored_experience(self) -> None:
-        """train.dataset into replay, once per run (a resumed replay already holds it)."""
-        if self.dataset is None or self.counters["dataset_steps"]:
+        """train.dataset into replay, once per run (a resumed replay already holds it; a
+        resumed run with held-out episodes reads the dataset again for those alone)."""
+        loaded = bool(self.counters["dataset_steps"])
+        self.heldout = self.make_heldout()
+        if self.dataset is None or (loaded and self.heldout is None):
             return
         from .datasets import load_dataset
 
-        info = load_dataset(self.cfg.train.dataset, self.agent, self.replay)
-        self.counters["dataset_steps"] = info.steps
-        tqdm.write(
-            f"dataset {info.name} ({info.kind}): {info.episodes} episodes, {info.steps:,} "
-            f"steps in replay"
+        info = load_dataset(
+            self.cfg.train.dataset, self.agent, self.replay, heldout=self.heldout,
+            heldout_every=int(self.cfg.train.get("heldout_every", 0) or 0), train=not loaded,
         )
+        if not loaded:
+            self.counters["dataset_steps"] = info.steps
+            tqdm.write(
+                f"dataset {info.name} ({info.kind}): {info.episodes} episodes, {info.steps:,} "
+                f"steps in replay"
+            )
+        if self.heldout is not None:
+            tqdm.write(f"held out: {info.heldout_episodes} episodes, {info.heldout_steps:,} steps")
 
     def _pretrain(self, tracker: Tracker, means: Means) -> None:
         """train.pretrain updates on the replay as it is, before collection goes on; its
@@ -557,6 +586,9 @@ class Trainer:
             }
         )
         logged.update(self.phases.pop(self.step()))
+        if self.heldout is not None and self.heldout.can_sample():
+            losses = heldout_loss(self.agent, self.heldout, HELDOUT_BATCHES, self.device)
+            logged.update({f"heldout/{k}": v for k, v in losses.items()})
         tracker.log_metrics(logged, self.step())
         if not self.cfg.train.progress and self.world.main:
             print(log_line(c, fps, self.last_return, logged), flush=True)

@@ -258,6 +258,7 @@ class TrainConfig:
     pretrain: int = spec(0, ge=0, optional=True)
     offline: bool = spec(False, optional=True)
     total_updates: int = spec(0, ge=0, optional=True)
+    heldout_every: int = spec(0, ge=0, optional=True)
 
 
 @dataclass
@@ -381,6 +382,12 @@ RULES: tuple[Rule, ...] = (
         "not train.get('offline') or train.get('dataset')",
         "needs train.dataset=<Minari dataset or run dir>: an offline run trains only on "
         "stored experience",
+    ),
+    Rule(
+        "train.heldout_every",
+        "not train.get('heldout_every') or (train.get('dataset') and train.heldout_every >= 2)",
+        "must be 0 (nothing held out) or >= 2 with train.dataset set: every k-th episode of "
+        "the dataset is kept out of training as a validation set",
     ),
     Rule(
         "train.total_updates",

@@ -340,6 +340,48 @@ def test_a_runs_replay_loads_as_the_same_steps(pendulum_run, chunk, monkeypatch)
         assert torch.equal(got[key][root], steps[key][:n][root]), key
 
 
+@pytest.mark.parametrize("chunk", [4096, 7])
+def test_every_kth_episode_is_held_out_whole(pendulum_run, chunk, monkeypatch):
+    from dreamer_trl.datasets import RunSource
+
+    monkeypatch.setattr(RunSource, "chunk", chunk)  # episodes cut across chunks, too
+    run_dir, steps = pendulum_run
+    agent = agent_for("Pendulum-v1")
+    replay, held = new_replay(agent), new_replay(agent, online=False)
+    info = load_dataset(run_dir, agent, replay, heldout=held, heldout_every=2)
+    source = steps[: len(steps) - 1]  # the newest step has no successor (as above)
+    number = torch.cumsum(source["is_first"].reshape(-1).long(), 0)  # episode of each step
+    out = (number % 2 == 0) & (number > 0)
+    assert set(number[out].tolist()) == {2, 4}  # the 2nd, and the unfinished 4th
+    got, kept = stored(held), stored(replay)
+    assert (info.heldout_steps, info.steps) == (len(got), len(kept)) == (out.sum(), (~out).sum())
+    assert info.heldout_episodes == 2
+    for key in STEP_KEYS:  # each part is the same steps, in order, nothing cut or joined
+        assert torch.equal(got[key], source[key][out]), key
+        assert torch.equal(kept[key], source[key][~out]), key
+    # No posterior of this agent exists for held-out steps: the RSSM's initial state.
+    assert (got["deter"] == 0).all() and (got["stoch"] == 0).all()
+    assert not torch.equal(kept["deter"], torch.zeros_like(kept["deter"]))
+    # train=False: the held-out part alone (a resumed run's replay holds the rest).
+    again, held2 = new_replay(agent), new_replay(agent, online=False)
+    load_dataset(run_dir, agent, again, heldout=held2, heldout_every=2, train=False)
+    assert len(again) == 0 and torch.equal(stored(held2)["observation"], got["observation"])
+
+
+def test_heldout_of_a_minari_dataset_takes_whole_episodes(cartpole_ds):
+    agent = agent_for("CartPole-v1")
+    replay, held = new_replay(agent), new_replay(agent, online=False)
+    info = load_dataset("cartpole/random-v0", agent, replay, heldout=held, heldout_every=3)
+    lengths = [len(ep.rewards) + 1 for ep in cartpole_ds.iterate_episodes()]
+    assert info.heldout_episodes == len(lengths) // 3
+    assert len(held) == sum(n for i, n in enumerate(lengths, 1) if i % 3 == 0)
+    assert len(replay) == sum(lengths) - len(held)
+    assert int(stored(held)["is_first"].sum()) == info.heldout_episodes
+    with pytest.raises(ValueError, match="heldout_every=1 is invalid"):
+        load_dataset("cartpole/random-v0", agent, new_replay(agent), heldout=held,
+                     heldout_every=1)
+
+
 def test_a_damaged_run_checkpoint_is_one_line(pendulum_run, tmp_path):
     import shutil
 

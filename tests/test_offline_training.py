@@ -106,3 +106,51 @@ def test_offline_wm_loss_falls(source_run, tmp_path):
     assert trainer.train(OFF)["status"] == "FINISHED"
     assert len(losses) == 15 and torch.isfinite(torch.tensor(losses)).all()
     assert sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
+
+
+class Recording(Tracker):
+    """A disabled tracker that keeps what the trainer logs."""
+
+    def __init__(self):
+        super().__init__("offline", run_name="r", enabled=False)
+        self.metrics: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((step, dict(metrics)))
+
+
+def test_heldout_episodes_are_logged_and_refilled_on_resume(source_run, tmp_path, capsys):
+    run_dir = tmp_path / "h"
+    cfg = compose_config(offline(run_dir, source_run, "train.heldout_every=2"))
+    trainer, tracker = Trainer(cfg, run_dir), Recording()
+    assert trainer.train(tracker)["status"] == "FINISHED"
+    out = capsys.readouterr().out
+    held = int(out.split("held out: ")[1].split(" episodes")[0])
+    assert held >= 1 and len(trainer.heldout) > 0
+    # The training replay lacks exactly the held-out steps: the two split the dataset.
+    plain = Trainer(compose_config(offline(tmp_path / "p", source_run)), tmp_path / "p")
+    plain._load_stored_experience()
+    assert trainer.counters["dataset_steps"] + len(trainer.heldout) == len(plain.replay)
+    logs = [(step, m) for step, m in tracker.metrics if "heldout/world_model" in m]
+    assert [step for step, _ in logs] == [2, 4, 6]  # every log_every updates
+    for _, m in logs:
+        assert m["heldout/world_model"] == pytest.approx(
+            sum(m[f"heldout/{k}"] for k in WORLD_MODEL_LOSSES)
+        )
+    # Resumed: the held-out replay (not checkpointed) is read again, the training one is not.
+    longer = compose_config(offline(run_dir, source_run, "train.heldout_every=2",
+                                    "train.total_updates=8"))
+    capsys.readouterr()
+    again = Trainer(longer, run_dir)
+    again.load(run_dir)
+    assert again.train(OFF)["status"] == "FINISHED" and again.counters["updates"] == 8
+    out = capsys.readouterr().out
+    assert "steps in replay" not in out and f"held out: {held} episodes" in out
+    assert len(again.heldout) == len(trainer.heldout)
+
+
+def test_heldout_every_needs_a_dataset_and_k_of_at_least_2(tmp_path, capsys):
+    for bad in (["train.heldout_every=3"], ["train.heldout_every=1", "train.dataset=x"]):
+        code = run_cli(train.main, tiny("cartpole", f"run_dir={tmp_path / 'r'}", *bad))
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "train.heldout_every" in err, err
