@@ -24,7 +24,7 @@ from torchrl.envs import EnvBase, ParallelEnv, SerialEnv, TensorDictPrimer, Tran
 
 from . import device_envs
 from .agent import DreamerV3Agent
-from .envs import make_env
+from .envs import NATIVELY_BATCHED, make_env
 from .policy import ActingPolicy
 from .transforms import IncomingReward
 
@@ -46,7 +46,7 @@ def acting_env(
 ) -> EnvBase:
     """An env with the transforms acting needs: incoming reward, the recurrent primer and
     a constant ``stream`` id, so replay keeps each worker's steps one stream of its own.
-    ``batch=N``: one natively batched env [N] (suite ``torchrl``) on ``device``, env j
+    ``batch=N``: one natively batched env [N] (suites ``torchrl``, ``brax``) on ``device``, env j
     being stream ``stream + j``."""
     env = make_env(env_cfg, seed, device, render=render, batch=batch)
     env = env if isinstance(env, TransformedEnv) else TransformedEnv(env)
@@ -80,10 +80,10 @@ def batched_acting_env(
     parallel: bool = False, device: str | torch.device = "cpu",
 ) -> EnvBase:
     """``envs`` acting envs stepped as one batch [envs] (one policy call per step): sub-env
-    j is stream ``first_stream + j``. A natively batched suite (``torchrl``) is one env of
+    j is stream ``first_stream + j``. A natively batched suite (``torchrl``, ``brax``) is one env of
     batch [envs] on ``device``; any other is ``envs`` envs with seeds ``seed + j`` in a
     ``SerialEnv`` (this process: cheap envs, few cores) or ``ParallelEnv`` (a process each)."""
-    if env_cfg["suite"] == "torchrl":
+    if env_cfg["suite"] in NATIVELY_BATCHED:
         return acting_env(env_cfg, seed, policy, stream=first_stream, batch=envs, device=device)
     fns = [
         functools.partial(acting_env, env_cfg, seed + j, policy, stream=first_stream + j)
@@ -101,7 +101,7 @@ def env_makers(cfg: DictConfig, policy: ActingPolicy, seed: int) -> list:
     env_cfg = OmegaConf.to_container(cfg.env, resolve=True)
     workers, envs = int(cfg.collector.num_workers), int(cfg.collector.get("envs", 1))
     parallel = bool(cfg.collector.get("parallel", False))
-    if envs == 1 and env_cfg["suite"] != "torchrl":  # a plain env, as before batched envs
+    if envs == 1 and env_cfg["suite"] not in NATIVELY_BATCHED:  # a plain env (no batch)
         return [
             functools.partial(acting_env, env_cfg, seed + i, policy, stream=i)
             for i in range(workers)

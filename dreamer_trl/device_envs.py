@@ -6,6 +6,13 @@ torch), given a batch of N by ``BatchSizeTransform``, and the layout the agent r
 ``"observation"`` float32 [3] = (cos θ, sin θ, θ̇) as gym's Pendulum-v1, actions in [-1, 1]
 mapped onto its torque bounds, episodes truncated after 200 steps (gym's time limit) unless
 ``max_episode_steps`` says otherwise. It never terminates.
+
+Suite ``brax``: any Brax env (``task`` = its name in ``brax.envs``, e.g. ``ant``,
+``inverted_pendulum``; physics in JAX, MJX for the MuJoCo-backed ones) through TorchRL's
+``BraxEnv``, which keeps the N copies' state in the tensordict on ``device`` (JAX ↔ torch by
+DLPack). A Brax env ends only by termination; episodes are truncated after
+``BRAX_STEPS`` (Brax's training episode length) unless ``max_episode_steps`` says otherwise.
+Needs the optional ``brax`` extra (``pip install -e '.[brax]'``).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from torchrl.envs import BatchSizeTransform, EnvBase, PendulumEnv, Transform
 
 TASKS = ("pendulum",)
 PENDULUM_STEPS = 200  # gym Pendulum-v1's TimeLimit
+BRAX_STEPS = 1000  # brax.training's episode_length
 
 
 def build(
@@ -37,6 +45,29 @@ def build(
             BatchSizeTransform(batch_size=[batch], reset_func=_Reset(batch), env_kwarg=True)
         )
     return base, [*transforms, PendulumObservation()]
+
+
+def build_brax(
+    opts: dict[str, Any], seed: int | None, device: torch.device, batch: int | None
+) -> EnvBase:
+    """TorchRL's ``BraxEnv`` for ``opts["task"]``, batch [N] (or a single env) on ``device``."""
+    try:
+        import brax.envs  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "env suite 'brax' needs the brax package: pip install -e '.[brax]'"
+        ) from None
+    from torchrl.envs import BraxEnv
+
+    task = opts["task"]
+    if task not in BraxEnv.available_envs:
+        raise ValueError(
+            f"unknown brax task {task!r}; valid tasks: {', '.join(sorted(BraxEnv.available_envs))}"
+        )
+    if opts["from_pixels"]:
+        raise ValueError("from_pixels=True: suite 'brax' has vector observations only")
+    size = torch.Size([] if batch is None else [batch])
+    return BraxEnv(task, batch_size=size, device=device)
 
 
 class _Reset:

@@ -62,7 +62,9 @@ from .world_model import MAX_INT_CLASSES
 # dm_control picks its GL backend at import time; default to headless EGL unless the user chose.
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-SUITES = ("gym", "dmc", "atari", "crafter", "torchrl")
+SUITES = ("gym", "dmc", "atari", "crafter", "torchrl", "brax")
+# Suites whose env steps N copies in one call on a device (make_env(batch=N)).
+NATIVELY_BATCHED = ("torchrl", "brax")
 
 DEFAULTS: dict[str, Any] = {
     "from_pixels": False,
@@ -118,10 +120,13 @@ def make_env(
     }
     if opts["suite"] == "torchrl":
         base, transforms = _build_torchrl(opts, seed, torch.device(device), batch)
+    elif opts["suite"] == "brax":
+        base, transforms = _build_brax(opts, seed, torch.device(device), batch)
     elif batch is not None:
         raise ValueError(
             f"batch={batch}: suite {opts['suite']!r} builds one env; batch envs of it with "
-            "SerialEnv/ParallelEnv (collector.envs); natively batched: suite 'torchrl'"
+            "SerialEnv/ParallelEnv (collector.envs); natively batched: suites "
+            f"{', '.join(NATIVELY_BATCHED)}"
         )
     else:
         base, transforms = builders[opts["suite"]](opts, seed, torch.device(device))
@@ -553,6 +558,15 @@ def _build_torchrl(
     if opts["max_episode_steps"] is None:  # PendulumEnv has no end of its own: gym's limit
         opts["max_episode_steps"] = device_envs.PENDULUM_STEPS
     return base, [*obs, *_continuous_action_transforms()]
+
+
+def _build_brax(
+    opts: dict[str, Any], seed: int | None, device: torch.device, batch: int | None
+) -> tuple[EnvBase, list[Transform]]:
+    base = device_envs.build_brax(opts, seed, device, batch)
+    if opts["max_episode_steps"] is None:  # a Brax env never truncates by itself
+        opts["max_episode_steps"] = device_envs.BRAX_STEPS
+    return base, _continuous_action_transforms()
 
 
 # ---------------------------------------------------------------------------------------------

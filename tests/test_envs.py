@@ -399,4 +399,4 @@ def test_unsupported_spaces(name, message):
 
 
 def test_suites_constant():
-    assert SUITES == ("gym", "dmc", "atari", "crafter", "torchrl")
+    assert SUITES == ("gym", "dmc", "atari", "crafter", "torchrl", "brax")
