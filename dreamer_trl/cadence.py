@@ -23,6 +23,8 @@ def log_line(counters: dict, fps: float, last_return: float, logged: dict) -> st
         for k, v in logged.items()
         if k.startswith("perf/sec_per_step/")
     )
+    if "heldout/world_model" in logged:  # train.heldout_every's validation loss
+        losses += f" heldout={float(logged['heldout/world_model']):.3g}"
     return (
         f"step {counters['env_steps']} updates {counters['updates']} fps {fps:.1f} "
         f"return {last_return:.1f} {losses}" + (f" | s/step {phases}" if phases else "")

@@ -126,6 +126,7 @@ def test_heldout_episodes_are_logged_and_refilled_on_resume(source_run, tmp_path
     assert trainer.train(tracker)["status"] == "FINISHED"
     out = capsys.readouterr().out
     held = int(out.split("held out: ")[1].split(" episodes")[0])
+    assert out.count(" heldout=") == 3  # on each log line too
     assert held >= 1 and len(trainer.heldout) > 0
     # The training replay lacks exactly the held-out steps: the two split the dataset.
     plain = Trainer(compose_config(offline(tmp_path / "p", source_run)), tmp_path / "p")
