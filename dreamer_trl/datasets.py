@@ -124,9 +124,8 @@ def load_dataset(
             break
         offset, transitions = item
         if heldout is not None:
-            number = begun.get(offset, 0) + torch.cumsum(transitions.get("is_init").reshape(-1), 0)
-            begun[offset] = int(number[-1])
-            held = (number > 0) & (number % heldout_every == 0)
+            held, begun[offset] = every_kth_episode(transitions, heldout_every,
+                                                    begun.get(offset, 0))
             if held.any():
                 part = with_initial_latents(transitions[held], initial)
                 held_episodes += int(part.get("is_init").sum())
@@ -141,6 +140,16 @@ def load_dataset(
         replay.queue = deque(entry for entry in replay.queue if entry[0] not in streams)
     return DatasetInfo(src.name, src.kind, src.episodes, added, tuple(sorted(streams)),
                        held_episodes, held_steps)
+
+
+def every_kth_episode(
+    transitions: TensorDictBase, k: int, begun: int
+) -> tuple[torch.Tensor, int]:
+    """Mask [n] of the transitions in every k-th episode of one stream, counted by is_init
+    (``begun`` episodes begun in earlier chunks; a leading partial one is episode 0, never
+    held), and the episodes begun by the end of this chunk."""
+    number = begun + torch.cumsum(transitions.get("is_init").reshape(-1), 0)
+    return (number > 0) & (number % k == 0), int(number[-1])
 
 
 def with_initial_latents(transitions: TensorDictBase, initial) -> TensorDictBase:

@@ -124,6 +124,7 @@ class Trainer:
         self.scratch = fresh_scratch_dir(self.own_dir)
         self.replay = self.make_replay(replay_capacity(cfg, self.dataset))
         self.heldout: StepReplay | None = None  # train.heldout_every's episodes (train())
+        self.heldout_every = int(cfg.train.get("heldout_every", 0))  # older configs: none
         self.prefetch = make_prefetch(str(cfg.replay.get("prefetch", "auto")), self.replay,
                                       self.device)
         self.counters = {
@@ -231,8 +232,7 @@ class Trainer:
         checkpointed: refilled from the dataset on resume), or None. Memmap in host memory
         whatever replay.storage is: a validation set needs no fast path. Made after any
         resume: the live replay's scratch dir must be empty when a dump is loaded into it."""
-        every = int(self.cfg.train.get("heldout_every", 0) or 0)
-        if self.dataset is None or not every:
+        if self.dataset is None or not self.heldout_every:
             return None
         t = self.cfg.train
         return StepReplay(
@@ -496,7 +496,7 @@ class Trainer:
 
         info = load_dataset(
             self.cfg.train.dataset, self.agent, self.replay, heldout=self.heldout,
-            heldout_every=int(self.cfg.train.get("heldout_every", 0) or 0), train=not loaded,
+            heldout_every=self.heldout_every, train=not loaded,
         )
         if not loaded:
             self.counters["dataset_steps"] = info.steps

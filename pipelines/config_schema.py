@@ -35,7 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipelines.common import ConfigError
 
 # dreamer_trl.envs.SUITES, repeated so that validating imports no torch (a test keeps them equal).
-SUITES = ("gym", "dmc", "atari", "crafter", "torchrl", "brax")  # dreamer_trl.envs.SUITES
+SUITES = ("gym", "dmc", "atari", "crafter", "torchrl", "brax")
 DTYPES = ("float32", "bfloat16")  # dreamer_trl.precision.DTYPES, likewise
 LATENT_DTYPES = ("float16", "bfloat16", "float32")  # dreamer_trl.replay._dtype, likewise
 COLLECTOR_BACKENDS = ("local", "distributed", "rpc", "ray")  # dreamer_trl.collection.BACKENDS

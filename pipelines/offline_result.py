@@ -25,7 +25,6 @@ from pipelines.bench import parse_options  # noqa: E402
 from pipelines.common import ConfigError, run_cli  # noqa: E402
 
 OPTIONS = {"online": "", "offline": "", "out": "results/offline/result"}
-LOSSES = ("loss_rec", "loss_rew", "loss_con", "loss_dyn", "loss_rep")
 
 
 def run_record(run_dir: str) -> dict:
@@ -53,7 +52,9 @@ def history(client, run_id: str, key: str) -> dict[int, float]:
 
 def world_model(client, run_id: str, prefix: str) -> dict[int, float]:
     """step → the sum of the five world-model loss terms logged under ``prefix``."""
-    parts = [history(client, run_id, f"{prefix}{k}") for k in LOSSES]
+    from dreamer_trl.offline import WORLD_MODEL_LOSSES
+
+    parts = [history(client, run_id, f"{prefix}{k}") for k in WORLD_MODEL_LOSSES]
     steps = sorted(set.intersection(*(set(p) for p in parts))) if parts[0] else []
     return {s: sum(p[s] for p in parts) for s in steps}
 
