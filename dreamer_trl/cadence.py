@@ -12,7 +12,11 @@ import torch
 from tensordict import TensorDictBase
 
 
-def log_line(counters: dict, fps: float, last_return: float, logged: dict) -> str:
+def log_line(
+    counters: dict, rate: float, last_return: float, logged: dict, offline: bool = False
+) -> str:
+    """One interval as a line: ``rate`` is env steps/s, or updates/s when ``offline`` (a run
+    with no env steps, whose line then leaves out steps and returns)."""
     losses = " ".join(
         f"{k.split('/')[-1][5:]}={float(v):.3g}"
         for k, v in logged.items()
@@ -25,10 +29,14 @@ def log_line(counters: dict, fps: float, last_return: float, logged: dict) -> st
     )
     if "heldout/world_model" in logged:  # train.heldout_every's validation loss
         losses += f" heldout={float(logged['heldout/world_model']):.3g}"
-    return (
-        f"step {counters['env_steps']} updates {counters['updates']} fps {fps:.1f} "
-        f"return {last_return:.1f} {losses}" + (f" | s/step {phases}" if phases else "")
-    )
+    if offline:
+        head = f"updates {counters['updates']} updates/s {rate:.2f}"
+    else:
+        head = (
+            f"step {counters['env_steps']} updates {counters['updates']} fps {rate:.1f} "
+            f"return {last_return:.1f}"
+        )
+    return f"{head} {losses}" + (f" | s/step {phases}" if phases else "")
 
 
 class Every:

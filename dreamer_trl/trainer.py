@@ -571,15 +571,16 @@ class Trainer:
         tracker.log_metrics(episode, self.counters["env_steps"])
         self.last_return = float(rets[-1])
 
-    def _log_interval(self, tracker: Tracker, means: dict, fps: float) -> None:
+    def _log_interval(self, tracker: Tracker, means: dict, rate: float) -> None:
         """The interval's mean losses/metrics and the run's counters, to MLflow (and a
-        line on stdout when there is no progress bar: background runs)."""
+        line on stdout when there is no progress bar: background runs). ``rate``: env
+        steps/s, offline updates/s."""
         self.check_finite()  # log time: the guard's one host sync per interval
         c = self.counters
         logged = {f"train/{k}": v for k, v in means.items()}
         logged.update(
             {
-                "perf/fps": fps,
+                "perf/updates_per_sec" if self.offline else "perf/fps": rate,
                 "perf/updates": c["updates"],
                 "perf/episodes": c["episodes"],
                 "perf/replay": len(self.replay),
@@ -591,7 +592,7 @@ class Trainer:
             logged.update({f"heldout/{k}": v for k, v in losses.items()})
         tracker.log_metrics(logged, self.step())
         if not self.cfg.train.progress and self.world.main:
-            print(log_line(c, fps, self.last_return, logged), flush=True)
+            print(log_line(c, rate, self.last_return, logged, self.offline), flush=True)
 
     def _log_open_loop(self, tracker: Tracker) -> None:
         """Open-loop prediction video (pixel envs): real vs imagined frames."""

@@ -51,6 +51,11 @@ def test_offline_run_trains_from_a_run_replay_and_resumes(source_run, tmp_path, 
     code, out = run_train(capsys, offline(run_dir, source_run))
     assert code == 0, out
     assert "dataset " in out and "steps in replay" in out
+    # The log line counts updates and their rate; an offline run has no env steps to show.
+    lines = [ln for ln in out.splitlines() if ln.startswith("updates ")]
+    assert [ln.split()[1] for ln in lines] == ["2", "4", "6"]
+    assert all(ln.split()[2] == "updates/s" and float(ln.split()[3]) > 0 for ln in lines)
+    assert "step 0 " not in out and "fps" not in out
     state = load_checkpoint(find_checkpoint(run_dir))
     c = state["counters"]
     # No env steps: updates only, and checkpoints named after them.
@@ -133,6 +138,7 @@ def test_heldout_episodes_are_logged_and_refilled_on_resume(source_run, tmp_path
     plain._load_stored_experience()
     assert trainer.counters["dataset_steps"] + len(trainer.heldout) == len(plain.replay)
     logs = [(step, m) for step, m in tracker.metrics if "heldout/world_model" in m]
+    assert all(m["perf/updates_per_sec"] > 0 and "perf/fps" not in m for _, m in logs)
     assert [step for step, _ in logs] == [2, 4, 6]  # every log_every updates
     for _, m in logs:
         assert m["heldout/world_model"] == pytest.approx(
