@@ -189,16 +189,19 @@ def check_fits(src: MinariSource | RunSource, agent: DreamerV3Agent) -> None:
         dim, discrete = action_info(src.action_spec)
     except ValueError as err:
         raise DatasetError(f"dataset {src.name}: {err}") from None
+    # The agent is built from the env the run names: a misfit most often means that env
+    # is not the one the data was recorded on, so say which one that was where known.
+    origin = f"; it was recorded on {src.recorded_on}: run on that env" if src.recorded_on else ""
     if have != agent.obs_space:
         raise DatasetError(
             f"dataset {src.name} does not fit the agent: it observes {describe_obs(have)}, "
-            f"the agent reads {describe_obs(agent.obs_space)}"
+            f"the agent reads {describe_obs(agent.obs_space)}{origin}"
         )
     if (dim, discrete) != (agent.action_dim, agent.discrete):
         raise DatasetError(
             f"dataset {src.name} does not fit the agent: its actions are "
             f"{describe_action(dim, discrete)}, the agent's are "
-            f"{describe_action(agent.action_dim, agent.discrete)}"
+            f"{describe_action(agent.action_dim, agent.discrete)}{origin}"
         )
 
 
@@ -262,6 +265,8 @@ class MinariSource:
         self.obs_keys = [obs.key]
         self.observation_spec = Composite({obs.key: obs.spec})
         self.action_spec = self.act_map.spec
+        env_spec = getattr(dataset.spec, "env_spec", None)
+        self.recorded_on = f"gymnasium env {env_spec.id}" if env_spec is not None else None
 
     @classmethod
     def from_path(cls, data_dir: Path, name: str) -> MinariSource:
@@ -468,6 +473,8 @@ class RunSource:
         if not isinstance(self.config, dict) or "env" not in self.config:
             raise DatasetError(f"dataset {name}: checkpoint {self.ckpt} has no stored config")
         self.commit = state.get("commit", "unknown")
+        env_cfg = self.config["env"]
+        self.recorded_on = f"env suite {env_cfg.get('suite')} task {env_cfg.get('task')}"
         self.env_steps = int(state.get("counters", {}).get("env_steps", 0))
         self.rows = read_replay_rows(self.ckpt, name)
         self.orders = stream_orders(self.rows, name)

@@ -209,6 +209,7 @@ def test_spaces_that_do_not_fit_the_agent_are_one_line(pendulum_ds, cartpole_ds)
         load_dataset("pendulum/random-v0", cartpole, new_replay(cartpole))
     text = one_line(err)
     assert "observes observation float [3]" in text and "reads observation float [4]" in text
+    assert "recorded on gymnasium env Pendulum-v1" in text  # the env to run on instead
     # Same observations, other actions: a CartPole dataset for a continuous-action agent.
     from torchrl.data import Bounded, Composite, Unbounded
 
@@ -221,6 +222,7 @@ def test_spaces_that_do_not_fit_the_agent_are_one_line(pendulum_ds, cartpole_ds)
     with pytest.raises(DatasetError) as err:
         load_dataset("cartpole/random-v0", agent, new_replay(agent))
     assert "discrete (2 choices)" in one_line(err) and "continuous [1]" in str(err.value)
+    assert "recorded on gymnasium env CartPole-v1" in str(err.value)
 
 
 def test_missing_dataset_is_one_line(minari_root, tmp_path, cartpole_ds):

@@ -96,6 +96,7 @@ def test_a_dataset_of_other_spaces_is_refused(source_run, tmp_path, capsys):
     code = run_cli(train.main, argv)
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "recorded on env suite gym task CartPole-v1" in err  # the env it needs
     assert not (tmp_path / "p").exists()
 
 
