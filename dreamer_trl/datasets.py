@@ -91,6 +91,7 @@ def load_dataset(
     heldout: StepReplay | None = None,
     heldout_every: int = 0,
     train: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> DatasetInfo:
     """Add the steps of ``source`` (Minari path or local id, run dir or checkpoint) to
     ``replay``, after checking its spaces against ``agent``'s.
@@ -103,9 +104,19 @@ def load_dataset(
     ``heldout`` instead (a validation set the agent never trains on), with the agent's
     initial latents as replay context, since no posterior of this agent exists for it.
     ``train=False`` fills only ``heldout`` (a resumed run's replay already holds the rest).
+    Without ``heldout`` the held-out episodes are left out all the same (a data-parallel
+    rank that does not validate must not train on them either).
+
+    ``shard`` = (r, n): the replay gets the training episodes whose number (counted over
+    all streams, in the source's order) is r modulo n — rank r of n data-parallel processes:
+    the ranks split the dataset and each trains on its own part; the held-out episodes are
+    the same for every shard.
     """
     if heldout is not None and heldout_every < 2:
         raise ValueError(f"heldout_every={heldout_every} is invalid: must be >= 2 with heldout")
+    rank, ranks = shard
+    if not 0 <= rank < ranks:
+        raise ValueError(f"shard={shard} is invalid: need 0 <= rank < processes")
     src = open_dataset(source)
     check_fits(src, agent)
     if src.size > replay.capacity:
@@ -115,7 +126,7 @@ def load_dataset(
         )
     initial = agent.world_model.rssm.initial
     batches = src.transitions(initial)
-    added, streams, begun = 0, set(), {}
+    added, streams, begun, deal = 0, set(), {}, Deal()
     held_episodes = held_steps = 0
     while True:
         with _readable(src.name):  # reading the source, not writing the replay
@@ -123,14 +134,15 @@ def load_dataset(
         if item is None:
             break
         offset, transitions = item
-        if heldout is not None:
-            held, begun[offset] = every_kth_episode(transitions, heldout_every,
-                                                    begun.get(offset, 0))
-            if held.any():
-                part = with_initial_latents(transitions[held], initial)
-                held_episodes += int(part.get("is_init").sum())
-                held_steps += heldout.extend(part, stream=stream + offset)
-            transitions = transitions[~held]
+        number, begun[offset] = episode_numbers(transitions, begun.get(offset, 0))
+        held = heldout_mask(number, heldout_every)
+        if heldout is not None and held.any():
+            part = with_initial_latents(transitions[held], initial)
+            held_episodes += int(part.get("is_init").sum())
+            held_steps += heldout.extend(part, stream=stream + offset)
+        dealt = deal(offset, number, training_number(number, heldout_every))
+        mine = ~held & (dealt % ranks == rank)
+        transitions = transitions[mine]
         if train and transitions.shape[0]:
             added += replay.extend(transitions, stream=stream + offset)
             streams.add(stream + offset)
@@ -142,14 +154,43 @@ def load_dataset(
                        held_episodes, held_steps)
 
 
-def every_kth_episode(
-    transitions: TensorDictBase, k: int, begun: int
-) -> tuple[torch.Tensor, int]:
-    """Mask [n] of the transitions in every k-th episode of one stream, counted by is_init
-    (``begun`` episodes begun in earlier chunks; a leading partial one is episode 0, never
-    held), and the episodes begun by the end of this chunk."""
+def episode_numbers(transitions: TensorDictBase, begun: int) -> tuple[torch.Tensor, int]:
+    """The episode number [n] of each transition of one stream, counted by is_init
+    (``begun`` episodes begun in earlier chunks; a leading partial one is episode 0), and
+    the episodes begun by the end of this chunk."""
     number = begun + torch.cumsum(transitions.get("is_init").reshape(-1), 0)
-    return (number > 0) & (number % k == 0), int(number[-1])
+    return number, int(number[-1])
+
+
+def heldout_mask(number: torch.Tensor, k: int) -> torch.Tensor:
+    """Every k-th episode (0: none); episode 0, perhaps partial, is never held out."""
+    if not k:
+        return torch.zeros_like(number, dtype=torch.bool)
+    return (number > 0) & (number % k == 0)
+
+
+def training_number(number: torch.Tensor, k: int) -> torch.Tensor:
+    """The number of each (not held-out) episode among the training episodes alone, so
+    that shards deal those out in turn whatever k is (numbering all episodes, k = 2 and two
+    shards would give one shard every training episode)."""
+    return number - number // k if k else number
+
+
+class Deal:
+    """Numbers the training episodes of all streams in one sequence (the streams come one
+    after another), so that shards take turns across streams too: a run's replay holds a
+    few episodes in each of many streams."""
+
+    def __init__(self):
+        self.base: dict[int, int] = {}  # stream offset -> its first episode's number
+        self.total = 0  # training episodes numbered so far
+
+    def __call__(self, offset: int, number: torch.Tensor, training: torch.Tensor) -> torch.Tensor:
+        if offset not in self.base:  # a stream that starts with a whole episode has no 0th
+            self.base[offset] = self.total - (1 if int(number[0]) > 0 else 0)
+        dealt = self.base[offset] + training
+        self.total = int(dealt[-1]) + 1
+        return dealt
 
 
 def with_initial_latents(transitions: TensorDictBase, initial) -> TensorDictBase:

@@ -118,7 +118,7 @@ class Trainer:
             self.agent.compile_steps(observe_chunk=chunk, mode=cfg.compile.mode)
         # Opened (and checked against the agent) before anything is written: a bad dataset
         # is one line and leaves no run dir.
-        self.dataset = open_stored_experience(cfg, self.agent)
+        self.dataset = open_stored_experience(cfg, self.agent, world)
         # The first write under run_dir, and it creates run_dir: only once the env and the
         # agent are built, so a bad env id or model config leaves no (empty) run dir behind.
         self.scratch = fresh_scratch_dir(self.own_dir)
@@ -232,8 +232,8 @@ class Trainer:
         checkpointed: refilled from the dataset on resume), or None. Memmap in host memory
         whatever replay.storage is: a validation set needs no fast path. Made after any
         resume: the live replay's scratch dir must be empty when a dump is loaded into it."""
-        if self.dataset is None or not self.heldout_every:
-            return None
+        if self.dataset is None or not self.heldout_every or not self.world.main:
+            return None  # rank 0 validates (on every held-out episode), the others train
         t = self.cfg.train
         return StepReplay(
             self.dataset.size, t.batch_size, t.seq_len + 1, self.agent.obs_space.keys,
@@ -492,17 +492,25 @@ class Trainer:
         self.heldout = self.make_heldout()
         if self.dataset is None or (loaded and self.heldout is None):
             return
-        from .datasets import load_dataset
+        from .datasets import DatasetError, load_dataset
 
+        w = self.world
         info = load_dataset(
             self.cfg.train.dataset, self.agent, self.replay, heldout=self.heldout,
-            heldout_every=self.heldout_every, train=not loaded,
+            heldout_every=self.heldout_every, train=not loaded, shard=(w.rank, w.size),
         )
         if not loaded:
+            if not info.steps:  # this rank's shard: nothing to sample, the job would hang
+                raise DatasetError(
+                    f"dataset {info.name}: rank {w.rank} of {w.size} gets none of its "
+                    f"{info.episodes} episodes (each rank trains on every {w.size}th "
+                    "training episode of each stream); valid: fewer processes (NPROC)"
+                )
             self.counters["dataset_steps"] = info.steps
+            share = f" (rank 0's share: every {w.size}th training episode)" if w.multi else ""
             tqdm.write(
                 f"dataset {info.name} ({info.kind}): {info.episodes} episodes, {info.steps:,} "
-                f"steps in replay"
+                f"steps in replay{share}"
             )
         if self.heldout is not None:
             tqdm.write(f"held out: {info.heldout_episodes} episodes, {info.heldout_steps:,} steps")
@@ -648,11 +656,6 @@ def check_world(cfg: DictConfig, world: World) -> None:
     """What a data-parallel job cannot do yet: one line naming the setting."""
     if not world.multi:
         return
-    if cfg.train.get("dataset") or cfg.train.get("offline"):
-        raise ValueError(
-            f"train.dataset / train.offline with {world.size} data-parallel processes is not "
-            "supported: train from stored experience with NPROC=1"
-        )
     backend = str(cfg.collector.get("backend", "local"))
     if backend != "local":
         raise ValueError(
@@ -673,15 +676,23 @@ def replay_capacity(cfg: DictConfig, dataset=None) -> int:
     return int(min(cfg.replay.capacity, 2 * cfg.train.total_steps + 1024)) + stored
 
 
-def open_stored_experience(cfg: DictConfig, agent: DreamerV3Agent):
-    """The train.dataset source, checked against the agent (DatasetError, one line), or
-    None without one."""
+def open_stored_experience(cfg: DictConfig, agent: DreamerV3Agent, world: World = SINGLE):
+    """The train.dataset source, checked against the agent and, data-parallel, for an
+    episode per rank (DatasetError, one line), or None without one."""
     if not cfg.train.get("dataset"):
         return None
-    from .datasets import check_fits, open_dataset
+    from .datasets import DatasetError, check_fits, open_dataset
 
     source = open_dataset(cfg.train.dataset)
     check_fits(source, agent)
+    k = int(cfg.train.get("heldout_every", 0))
+    training = source.episodes - (source.episodes // k if k else 0)
+    if world.multi and training < world.size:
+        raise DatasetError(
+            f"dataset {source.name} has {training} complete training episodes "
+            f"({source.episodes} in all), fewer than the {world.size} data-parallel "
+            f"processes that split them; valid: NPROC <= {max(training, 1)}"
+        )
     return source
 
 

@@ -370,6 +370,44 @@ def test_every_kth_episode_is_held_out_whole(pendulum_run, chunk, monkeypatch):
     assert len(again) == 0 and torch.equal(stored(held2)["observation"], got["observation"])
 
 
+@pytest.mark.parametrize("chunk", [4096, 7])
+@pytest.mark.parametrize("k", [0, 2])
+def test_shards_deal_out_the_training_episodes(pendulum_run, chunk, k, monkeypatch):
+    from dreamer_trl.datasets import RunSource
+
+    monkeypatch.setattr(RunSource, "chunk", chunk)
+    run_dir, steps = pendulum_run
+    source = steps[: len(steps) - 1]
+    number = torch.cumsum(source["is_first"].reshape(-1).long(), 0)  # episodes 1..4
+    agent = agent_for("Pendulum-v1")
+    parts = []
+    for rank in range(2):  # no held-out replay: the held-out episodes are dropped all the same
+        replay = new_replay(agent)
+        load_dataset(run_dir, agent, replay, heldout_every=k, shard=(rank, 2))
+        parts.append(stored(replay))
+    # Held out (k=2): episodes 2 and 4; the training episodes 1, 3 go one to each rank.
+    # Without: 1..4 in turn, rank 0 first.
+    expect = [{1, 3}, {2, 4}] if not k else [{1}, {3}]
+    for part, episodes in zip(parts, expect):
+        mask = torch.isin(number, torch.tensor(sorted(episodes)))
+        for key in STEP_KEYS:
+            assert torch.equal(part[key], source[key][mask]), key
+    with pytest.raises(ValueError, match=r"shard=\(2, 2\) is invalid"):
+        load_dataset(run_dir, agent, new_replay(agent), shard=(2, 2))
+
+
+def test_the_deal_numbers_episodes_across_streams():
+    from dreamer_trl.datasets import Deal
+
+    deal, t = Deal(), torch.tensor
+    # Stream 0 starts with a whole episode (numbers from 1), in two chunks; stream 1 with
+    # the tail of one (episode 0): the numbering runs on over both, with no gaps.
+    assert deal(0, t([1, 1, 2]), t([1, 1, 2])).tolist() == [0, 0, 1]
+    assert deal(0, t([2, 3]), t([2, 3])).tolist() == [1, 2]
+    assert deal(1, t([0, 0, 1, 2]), t([0, 0, 1, 2])).tolist() == [3, 3, 4, 5]
+    assert deal(2, t([1]), t([1])).tolist() == [6]
+
+
 def test_heldout_of_a_minari_dataset_takes_whole_episodes(cartpole_ds):
     agent = agent_for("CartPole-v1")
     replay, held = new_replay(agent), new_replay(agent, online=False)

@@ -18,6 +18,8 @@ from tensordict import TensorDict
 from test_pipeline import TINY
 
 from dreamer_trl.checkpoint import find_checkpoint, load_checkpoint
+from dreamer_trl.trainer import Trainer
+from pipelines.common import compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -159,3 +161,35 @@ def test_ddp_bench_prints_and_writes_its_rows(tmp_path):
     rows = report["rows"]
     assert rows["1 process"]["allreduce_ms"] == 0 and rows["2 ranks"]["allreduce_ms"] > 0
     assert rows["2 ranks"]["seqs_per_s"] > 0 and report["efficiency"] > 0
+
+
+def test_two_ranks_train_offline_on_their_shares_of_a_dataset(tmp_path):
+    """train.offline under torchrun: each rank trains on every 2nd training episode (its own
+    replay), rank 0 alone validates on the held-out ones, and the ranks stay one agent."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    source = tmp_path / "source"  # 96 steps of 20-step episodes: 4 complete, 1 unfinished
+    proc = launch(tmp_path, store, *ARGS, "env.max_episode_steps=20", f"run_dir={source}",
+                  nproc=1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "off"
+    offline = [*ARGS, "train.offline=true", f"train.dataset={source}", "train.heldout_every=2",
+               "train.total_updates=4", "train.log_every=2", "train.checkpoint_every=2",
+               "train.eval_every=0", f"run_dir={run}"]
+    proc = launch(tmp_path, store, *offline)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("rank 0's share: every 2th training episode") == 1, proc.stdout
+    assert proc.stdout.count(" heldout=") == 2  # rank 0's log lines, at updates 2 and 4
+    main, other = state_of(run / "checkpoints/step_4"), state_of(run / "rank1/checkpoints/step_4")
+    assert main["counters"]["updates"] == other["counters"]["updates"] == 4
+    assert not differing(main["agent"], other["agent"])
+    # Episodes 2 and 4 held out; of the training ones 1, 3 and the unfinished 5th, rank 0
+    # holds 1 and 5, rank 1 holds 3: together the dataset's training steps, once each.
+    dumps = (run / "checkpoints/step_4", run / "rank1/checkpoints/step_4")
+    steps = [TensorDict.load_memmap(d / "replay/steps") for d in dumps]
+    firsts = [int(s["is_first"][: c["counters"]["dataset_steps"]].sum())
+              for s, c in zip(steps, (main, other))]
+    assert firsts == [2, 1]
+    one = Trainer(compose_config([*offline[:-1], f"run_dir={tmp_path / 'one'}"]), tmp_path / "one")
+    one._load_stored_experience()  # one process: every training episode
+    shares = main["counters"]["dataset_steps"], other["counters"]["dataset_steps"]
+    assert sum(shares) == one.counters["dataset_steps"] and min(shares) > 0

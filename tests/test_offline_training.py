@@ -162,3 +162,20 @@ def test_heldout_every_needs_a_dataset_and_k_of_at_least_2(tmp_path, capsys):
         code = run_cli(train.main, tiny("cartpole", f"run_dir={tmp_path / 'r'}", *bad))
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and "train.heldout_every" in err, err
+
+
+def test_more_ranks_than_training_episodes_is_one_line(source_run, tmp_path):
+    from dreamer_trl.datasets import DatasetError
+    from dreamer_trl.distributed import World
+    from dreamer_trl.trainer import open_stored_experience
+
+    cfg = compose_config(offline(tmp_path / "r", source_run, "train.heldout_every=2"))
+    agent = Trainer(compose_config(offline(tmp_path / "a", source_run)), tmp_path / "a").agent
+    episodes = open_stored_experience(cfg, agent).episodes  # one process: always fine
+    training = episodes - episodes // 2
+    assert open_stored_experience(cfg, agent, World(0, training)) is not None
+    with pytest.raises(DatasetError) as err:
+        open_stored_experience(cfg, agent, World(0, training + 1))
+    text = str(err.value)
+    assert "\n" not in text and f"has {training} complete training episodes" in text
+    assert f"the {training + 1} data-parallel processes" in text and f"NPROC <= {training}" in text
