@@ -200,6 +200,52 @@ def test_heldout_loss_reads_without_training(cartpole_ds):
     assert torch.equal(latents, stored(replay)["deter"])
 
 
+class Frames(gym.Env):
+    """64x64 RGB noise frames, 3 actions, episodes of 12 steps: an image dataset's env."""
+
+    observation_space = gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
+    action_space = gym.spaces.Discrete(3)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self.np_random.integers(0, 256, (64, 64, 3), dtype=np.uint8), {}
+
+    def step(self, action):
+        self.t += 1
+        frame = self.np_random.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        return frame, float(action), False, self.t >= 12, {}
+
+
+@pytest.mark.parametrize("kind", ["integer", "image"])
+def test_integer_and_image_datasets_load_as_the_env_does_and_train(minari_root, kind):
+    from dreamer_trl.datasets import open_dataset
+
+    if kind == "integer":  # FrozenLake: a Discrete(16) cell index, as the gym env gives it
+        env, key = gym.make("FrozenLake-v1", max_episode_steps=10), "observation"
+        ds = collect("frozenlake/random-v0", env, episodes=4, seed=0)
+        agent = agent_for("FrozenLake-v1")  # the agent the env itself builds
+    else:
+        ds, key = collect("frames/random-v0", Frames(), episodes=3, seed=0), "pixels"
+        src = open_dataset("frames/random-v0")  # an agent for the dataset's own spaces
+        torch.manual_seed(0)
+        agent = DreamerV3Agent.from_specs(src.observation_spec, src.action_spec, TINY, FAST)
+    replay = new_replay(agent)
+    info = load_dataset(ds.spec.dataset_id, agent, replay)
+    assert info.episodes == ds.total_episodes and info.steps == len(replay)
+    first = next(ds.iterate_episodes())
+    got = stored(replay)[key][: len(first.observations)]
+    want = torch.as_tensor(first.observations)
+    if kind == "integer":
+        assert agent.obs_space.integers and got.dtype == torch.int64
+        assert torch.equal(got.reshape(-1), want.long())
+    else:
+        assert agent.obs_space.images == {"pixels": (3, 64, 64)} and got.dtype == torch.uint8
+        assert torch.equal(got, want.permute(0, 3, 1, 2))  # [T, H, W, C] -> [T, C, H, W]
+    out = pretrain(agent, replay, 2)
+    assert all(np.isfinite(v) for v in out.values()), out
+
+
 # --------------------------------------------------------------------------- bad input
 
 
