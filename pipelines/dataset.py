@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     from pipelines.evaluate import locate_checkpoint
 
     ckpt = locate_checkpoint(opts["ckpt"])
-    from dreamer_trl.datasets import export_minari
+    from dreamer_trl.minari_export import export_minari
 
     info = export_minari(ckpt, opts["out"], opts["id"])
     skipped = f", {info.skipped} steps of unfinished episodes left out" if info.skipped else ""

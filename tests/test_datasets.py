@@ -28,9 +28,9 @@ from dreamer_trl.datasets import (  # noqa: E402
     DATASET_STREAM,
     DatasetError,
     load_dataset,
-    validate_minari,
 )
 from dreamer_trl.envs import make_env  # noqa: E402
+from dreamer_trl.minari_export import validate_minari  # noqa: E402
 from dreamer_trl.offline import heldout_loss, pretrain  # noqa: E402
 from dreamer_trl.replay import StepReplay  # noqa: E402
 
@@ -528,7 +528,7 @@ def test_make_dataset_round_trips_through_minari(pendulum_run, tmp_path, monkeyp
         assert torch.equal(got[key], expect), key
     # Exporting to a taken id is one line, and changes nothing.
     with pytest.raises(DatasetError) as err:
-        from dreamer_trl.datasets import export_minari
+        from dreamer_trl.minari_export import export_minari
 
         export_minari(run_dir, out, "tests/pend-v0")
     assert "exists already" in one_line(err)
