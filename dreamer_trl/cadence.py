@@ -34,9 +34,15 @@ def log_line(
     else:
         head = (
             f"step {counters['env_steps']} updates {counters['updates']} fps {rate:.1f} "
-            f"return {last_return:.1f}"
+            f"return {shown_return(last_return)}"
         )
     return f"{head} {losses}" + (f" | s/step {phases}" if phases else "")
+
+
+def shown_return(value: float) -> str:
+    """A training return for the log: '-' before any episode has ended (NaN: a fresh or
+    resumed run of long episodes), which is not a non-finite value to worry about."""
+    return "-" if math.isnan(value) else f"{value:.1f}"
 
 
 class Every:

@@ -20,7 +20,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
 from .agent import DreamerV3Agent
-from .cadence import Cadence, Means, Phases, log_line
+from .cadence import Cadence, Means, Phases, log_line, shown_return
 from .checkpoint import (
     CheckpointError,
     DiskFullError,
@@ -437,7 +437,9 @@ class Trainer:
             collector.update_policy_weights_()
             fps = cadence.rate(c["env_steps"])
             bar.update(n)
-            bar.set_postfix(updates=c["updates"], fps=f"{fps:.1f}", ret=f"{self.last_return:.1f}")
+            bar.set_postfix(
+                updates=c["updates"], fps=f"{fps:.1f}", ret=shown_return(self.last_return)
+            )
             if self._after(tracker, cadence, c["env_steps"], fps):
                 return
 
