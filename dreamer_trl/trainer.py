@@ -166,6 +166,7 @@ class Trainer:
             "meta": {**self.meta(), "world_size": self.world.size},
             "mlflow_run_id": self.mlflow_run_id,
             "eval_returns": list(self.returns),
+            "last_return": self.last_return,
             "commit": self.commit,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
@@ -271,6 +272,9 @@ class Trainer:
         self.mlflow_run_id = state.get("mlflow_run_id")
         self.commit = state.get("commit", "unrecorded")
         self.returns = [tuple(x) for x in state.get("eval_returns", [])]
+        # The log line's return until the next episode ends (which, 16 envs of 1000-step
+        # episodes, is 16k steps after a resume); older checkpoints lack it.
+        self.last_return = float(state.get("last_return", float("nan")))
 
     def _own_checkpoint(self, path: str | Path) -> Path:
         """The checkpoint this rank resumes from: rank 0's (verified, see :meth:`load`),

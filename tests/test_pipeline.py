@@ -142,6 +142,7 @@ class Spy:
             "stream_steps": dict(trainer.replay.stream_steps),
             "opt_steps": [g.get("step", 0) for g in trainer.agent.optimizer.param_groups],
             "mlflow_run_id": trainer.mlflow_run_id,
+            "last_return": trainer.last_return,
         }
 
 
@@ -341,8 +342,10 @@ def test_resume_continues_counters_replay_optimizer_and_mlflow_run(
     assert run_id_of(out) == run_id  # the same MLflow run, not a new one
 
     (loaded,) = spy.loads
-    for key in ("env_steps", "updates", "episodes", "replay", "stream_steps", "opt_steps"):
+    for key in ("env_steps", "updates", "episodes", "replay", "stream_steps", "opt_steps",
+                "last_return"):
         assert loaded[key] == saved[key], key
+    assert saved["episodes"] > 0 and math.isfinite(saved["last_return"])  # one had ended
     assert loaded["mlflow_run_id"] == run_id
     final = spy.saves[-1]
     assert final["env_steps"] == 96 and final["replay"] == 96 + final["episodes"]
