@@ -509,11 +509,11 @@ class Trainer:
             if not info.steps:  # this rank's shard: nothing to sample, the job would hang
                 raise DatasetError(
                     f"dataset {info.name}: rank {w.rank} of {w.size} gets none of its "
-                    f"{info.episodes} episodes (each rank trains on every {w.size}th "
-                    "training episode of each stream); valid: fewer processes (NPROC)"
+                    f"{info.episodes} episodes (each rank trains on 1 in {w.size} of the "
+                    "training episodes); valid: fewer processes (NPROC)"
                 )
             self.counters["dataset_steps"] = info.steps
-            share = f" (rank 0's share: every {w.size}th training episode)" if w.multi else ""
+            share = f" (rank 0's share: 1 in {w.size} training episodes)" if w.multi else ""
             tqdm.write(
                 f"dataset {info.name} ({info.kind}): {info.episodes} episodes, {info.steps:,} "
                 f"steps in replay{share}"

@@ -163,21 +163,27 @@ def test_ddp_bench_prints_and_writes_its_rows(tmp_path):
     assert rows["2 ranks"]["seqs_per_s"] > 0 and report["efficiency"] > 0
 
 
-def test_two_ranks_train_offline_on_their_shares_of_a_dataset(tmp_path):
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """A one-process run: 96 steps of 20-step episodes, 4 complete and 1 unfinished."""
+    tmp = tmp_path_factory.mktemp("source")
+    proc = launch(tmp, f"sqlite:///{tmp / 'mlflow.db'}", *ARGS, "env.max_episode_steps=20",
+                  f"run_dir={tmp / 'run'}", nproc=1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp / "run"
+
+
+def test_two_ranks_train_offline_on_their_shares_of_a_dataset(source, tmp_path):
     """train.offline under torchrun: each rank trains on every 2nd training episode (its own
     replay), rank 0 alone validates on the held-out ones, and the ranks stay one agent."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    source = tmp_path / "source"  # 96 steps of 20-step episodes: 4 complete, 1 unfinished
-    proc = launch(tmp_path, store, *ARGS, "env.max_episode_steps=20", f"run_dir={source}",
-                  nproc=1)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "off"
     offline = [*ARGS, "train.offline=true", f"train.dataset={source}", "train.heldout_every=2",
                "train.total_updates=4", "train.log_every=2", "train.checkpoint_every=2",
                "train.eval_every=0", f"run_dir={run}"]
     proc = launch(tmp_path, store, *offline)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("rank 0's share: every 2th training episode") == 1, proc.stdout
+    assert proc.stdout.count("rank 0's share: 1 in 2 training episodes") == 1, proc.stdout
     assert proc.stdout.count(" heldout=") == 2  # rank 0's log lines, at updates 2 and 4
     main, other = state_of(run / "checkpoints/step_4"), state_of(run / "rank1/checkpoints/step_4")
     assert main["counters"]["updates"] == other["counters"]["updates"] == 4
@@ -193,3 +199,21 @@ def test_two_ranks_train_offline_on_their_shares_of_a_dataset(tmp_path):
     one._load_stored_experience()  # one process: every training episode
     shares = main["counters"]["dataset_steps"], other["counters"]["dataset_steps"]
     assert sum(shares) == one.counters["dataset_steps"] and min(shares) > 0
+
+
+@pytest.mark.slow  # the offline test above covers the split; this, pretraining on it
+def test_two_ranks_pretrain_on_their_shares_then_collect(source, tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = tmp_path / "pre"
+    proc = launch(tmp_path, store, *ARGS, f"train.dataset={source}", "train.pretrain=3",
+                  "train.total_steps=48", f"run_dir={run}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    main = state_of(find_checkpoint(run))
+    other = state_of(run / "rank1" / "checkpoints" / find_checkpoint(run).name)
+    for state in (main, other):
+        assert state["counters"]["pretrained"] == 3 and state["counters"]["env_steps"] == 48
+    assert main["counters"]["updates"] == other["counters"]["updates"] > 3
+    assert not differing(main["agent"], other["agent"])
+    # No held-out episodes: rank 0 holds episodes 1, 3, 5 of the dataset, rank 1 episodes 2, 4.
+    shares = [s["counters"]["dataset_steps"] for s in (main, other)]
+    assert shares[0] > shares[1] > 0
