@@ -308,13 +308,13 @@ class MinariSource:
 
     @classmethod
     def from_path(cls, data_dir: Path, name: str) -> MinariSource:
-        minari = _import_minari()
+        minari = import_minari()
         with _readable(name):
             return cls(minari.MinariDataset(data_dir), name)
 
     @classmethod
     def from_id(cls, dataset_id: str) -> MinariSource:
-        minari = _import_minari()
+        minari = import_minari()
         try:
             dataset = minari.load_dataset(dataset_id, download=False)
         except FileNotFoundError:
@@ -391,7 +391,7 @@ def _episode_end(episode: Any, n: int, name: str) -> bool:
 
 
 def _not_found(dataset_id: str) -> str:
-    minari = _import_minari()
+    minari = import_minari()
     root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Minari warns for each misconfigured dataset dir
@@ -403,7 +403,7 @@ def _not_found(dataset_id: str) -> str:
     )
 
 
-def _import_minari():
+def import_minari():
     try:
         import minari
     except ImportError:

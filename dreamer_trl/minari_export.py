@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torchrl.data import Bounded, OneHot
 
-from .datasets import ActionMap, DatasetError, RunSource, _import_minari
+from .datasets import ActionMap, DatasetError, RunSource, import_minari
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def export_minari(
     """Write the complete episodes of a run's replay as a Minari dataset under ``root``
     (a Minari datasets dir: ``MINARI_DATASETS_PATH=root`` finds it by id), then load it
     back with Minari and check it."""
-    minari = _import_minari()
+    minari = import_minari()
     src = RunSource(Path(run).expanduser(), str(run))
     if len(src.obs_keys) != 1:
         raise DatasetError(
