@@ -35,6 +35,7 @@ from .checkpoint import (
 )
 from .collection import acting_env, env_streams, make_collector, make_policy
 from .distributed import SINGLE, World, all_true, barrier, broadcast_object, init_world
+from .env_state import acting_state, restore_acting
 from .envs import make_env
 from .learner import make_prefetch, update_step
 from .offline import heldout_loss
@@ -142,6 +143,10 @@ class Trainer:
         self.mlflow_run_id: str | None = None
         self.commit = _git_commit()  # of the code that started the run (kept on resume)
         self.returns: list[tuple[int, float]] = []  # (env step, eval return)
+        # The acting envs' state (env_state.py) as of the last batch in replay: what a
+        # checkpoint holds, so the steps a stop cuts short of a batch are lost from both.
+        self.acting: dict | None = None
+        self.resumed = False  # from a checkpoint (load): train() restores its envs' state
 
     # ---- checkpoints ---------------------------------------------------------------
     def meta(self) -> dict:
@@ -167,6 +172,7 @@ class Trainer:
             "mlflow_run_id": self.mlflow_run_id,
             "eval_returns": list(self.returns),
             "last_return": self.last_return,
+            "acting": self.acting,
             "commit": self.commit,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
@@ -275,6 +281,8 @@ class Trainer:
         # The log line's return until the next episode ends (which, 16 envs of 1000-step
         # episodes, is 16k steps after a resume); older checkpoints lack it.
         self.last_return = float(state.get("last_return", float("nan")))
+        self.acting = state.get("acting")  # older checkpoints: none
+        self.resumed = True
 
     def _own_checkpoint(self, path: str | Path) -> Path:
         """The checkpoint this rank resumes from: rank 0's (verified, see :meth:`load`),
@@ -389,6 +397,8 @@ class Trainer:
             per_rank = int(cfg.collector.num_workers) * int(cfg.collector.get("envs", 1))
             seed = int(cfg.seed) + c["env_steps"] + self.world.rank * per_rank
             collector = make_collector(cfg, policy, seed)
+            if self.resumed:
+                self._resume_episodes(collector)
         bar = tqdm(
             total=total,
             initial=self.step(),
@@ -417,6 +427,13 @@ class Trainer:
             bar.close()
         return self._finish(tracker, status)
 
+    def _resume_episodes(self, collector) -> None:
+        """Continue each env's episode where the checkpoint left it, or say why they start
+        new ones (cut episodes in replay, and a walker episode needs 16k env steps to end)."""
+        why = restore_acting(collector, self.acting)
+        print(f"envs start new episodes: {why}" if why else
+              "envs continue their episodes from the checkpoint", flush=True)
+
     def _online_loop(self, tracker: Tracker, cadence: Cadence, bar: tqdm, policy,
                      collector) -> None:
         """Collect a batch → replay → the updates it is owed → cadence, until done."""
@@ -429,6 +446,7 @@ class Trainer:
             with self.phases("extend"):
                 for stream, steps in env_streams(batch.cpu()):
                     self.replay.extend(steps, stream=stream)
+                self.acting = acting_state(collector)[0]
             c["env_steps"] += n
             self._record_episodes(batch, tracker)
             if c["pretrained"] < t.get("pretrain", 0) and self.ready():

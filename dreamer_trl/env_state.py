@@ -1,0 +1,129 @@
+"""The acting envs' state across a checkpoint, so a resumed run continues its episodes.
+
+Without it every resume starts each env on a new episode: a walker-walk episode is 1000
+steps an env, 16k env steps for the reference's 16 envs, and a run resumed every few
+thousand steps never finishes one (its replay holds cut episodes, its log no training
+return). Saved: each env's simulator state and the collector's carried step (the last
+observation, the acting latents ``deter`` / ``stoch`` / ``prev_action``, ``step_count``,
+``episode_reward``, ``is_init``), which TorchRL's transforms keep in the tensordict.
+
+Supported where the simulator state can be read and written in place: suite ``dmc``
+(MuJoCo's integration state, the episode's step count, the task's random state) in an
+in-process collector (one worker: one env or a ``SerialEnv``). Elsewhere
+:func:`acting_state` says why not, and a resume starts new episodes (as before).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tensordict import TensorDict
+from torchrl.collectors import BaseCollector, Collector
+from torchrl.envs import EnvBase, SerialEnv, TransformedEnv
+from torchrl.envs.libs.dm_control import DMControlWrapper
+
+FORMAT = 1  # of the saved dict; a checkpoint with another starts new episodes
+
+
+def acting_state(collector: BaseCollector | None) -> tuple[dict | None, str]:
+    """(state, "") of ``collector``'s envs and carried step, or (None, why it is not
+    saved). The state holds numpy arrays and plain Python: checkpoints pickle it."""
+    envs, why = _sim_envs(collector)
+    if envs is None:
+        return None, why
+    sims = []
+    for env in envs:
+        sim, why = sim_state(env)
+        if sim is None:
+            return None, why
+        sims.append(sim)
+    # A copy: a SerialEnv writes each step into the same buffers.
+    carrier = collector._carrier.exclude("collector").clone().cpu().to_dict()
+    return {"format": FORMAT, "envs": sims, "carrier": carrier}, ""
+
+
+def restore_acting(collector: BaseCollector, state: dict | None) -> str:
+    """Put ``state`` (from :func:`acting_state`) back into a new ``collector`` of the same
+    config; returns "" once restored, else why the envs start new episodes."""
+    if state is None:
+        return "the checkpoint holds no env state (saved by older code, or before a batch)"
+    if state.get("format") != FORMAT:
+        return f"the checkpoint's env state has format {state.get('format')}, this code {FORMAT}"
+    envs, why = _sim_envs(collector)
+    if envs is None:
+        return why
+    if len(envs) != len(state["envs"]):
+        return f"the checkpoint has the state of {len(state['envs'])} envs, this run {len(envs)}"
+    carrier = collector._carrier
+    saved = TensorDict.from_dict(state["carrier"], batch_size=carrier.batch_size)
+    missing = set(carrier.exclude("collector").keys(True, True)) - set(saved.keys(True, True))
+    if missing:  # (it has more: the last action, which a fresh reset lacks)
+        return f"the checkpoint's carried step lacks {sorted(map(str, missing))}"
+    for env, sim in zip(envs, state["envs"]):
+        load_sim_state(env, sim)
+    if "collector" in carrier.keys():  # the collector's own metadata (trajectory ids)
+        saved.set("collector", carrier.get("collector"))
+    collector._carrier = (
+        saved.to(carrier.device) if carrier.device is not None else saved.clear_device_()
+    )
+    return ""
+
+
+def _sim_envs(collector: BaseCollector | None) -> tuple[list[EnvBase] | None, str]:
+    """The single envs whose simulators ``collector`` steps in this process."""
+    if not isinstance(collector, Collector):
+        return None, "its envs run in worker processes (collector.num_workers > 1 or remote)"
+    env = collector.env
+    if isinstance(env, SerialEnv):
+        if not getattr(env, "_envs", None):  # lazily started: nothing stepped yet
+            return None, "its SerialEnv has not started"
+        return list(env._envs), ""
+    if isinstance(env, TransformedEnv) and env.batch_size.numel() <= 1:
+        return [env], ""
+    return None, f"its env is a {type(env).__name__} of batch {tuple(env.batch_size)}"
+
+
+def sim_state(env: EnvBase) -> tuple[dict | None, str]:
+    """(state, "") of one env's simulator, or (None, why it cannot be saved)."""
+    base = env.base_env if isinstance(env, TransformedEnv) else env
+    if isinstance(base, DMControlWrapper):
+        return _dmc_state(base._env), ""
+    return None, f"the simulator state of a {type(base).__name__} env is not saved (dmc only)"
+
+
+def load_sim_state(env: EnvBase, state: dict) -> None:
+    """Write ``state`` (from :func:`sim_state`) into ``env``'s simulator."""
+    base = env.base_env if isinstance(env, TransformedEnv) else env
+    _load_dmc_state(base._env, state)
+
+
+def _dmc_state(dm_env: Any) -> dict:
+    """A dm_control ``Environment``'s state: MuJoCo's integration state (time, qpos, qvel,
+    act, warm start, controls...), how far into its time limit the episode is, and the task's
+    random state (it draws the next episode's initial pose)."""
+    import mujoco
+
+    physics = dm_env.physics
+    which = mujoco.mjtState.mjSTATE_INTEGRATION
+    state = np.empty(mujoco.mj_stateSize(physics.model.ptr, which))
+    mujoco.mj_getState(physics.model.ptr, physics.data.ptr, state, which)
+    return {
+        "suite": "dmc",
+        "integration": state,
+        "step_count": int(dm_env._step_count),
+        "reset_next_step": bool(dm_env._reset_next_step),
+        "task_random": dm_env.task.random.get_state(),
+    }
+
+
+def _load_dmc_state(dm_env: Any, state: dict) -> None:
+    import mujoco
+
+    physics = dm_env.physics
+    which = mujoco.mjtState.mjSTATE_INTEGRATION
+    mujoco.mj_setState(physics.model.ptr, physics.data.ptr, state["integration"], which)
+    physics.forward()  # the derived quantities (positions, sensors) of the restored state
+    dm_env._step_count = state["step_count"]
+    dm_env._reset_next_step = state["reset_next_step"]
+    dm_env.task.random.set_state(state["task_random"])

@@ -1,0 +1,98 @@
+"""A resumed run continues its envs' episodes (env_state.py): the simulator state and the
+collector's carried step go into checkpoints, and come back into a new collector."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from test_pipeline import tiny  # noqa: E402
+
+from dreamer_trl.checkpoint import load_checkpoint  # noqa: E402
+from dreamer_trl.collection import make_collector, make_policy  # noqa: E402
+from dreamer_trl.env_state import acting_state, restore_acting  # noqa: E402
+from dreamer_trl.envs import make_env  # noqa: E402
+from dreamer_trl.tracking import Tracker  # noqa: E402
+from dreamer_trl.trainer import Trainer, make_agent  # noqa: E402
+from pipelines.common import compose_config  # noqa: E402
+
+CARRIED = ["observation", "action", ("next", "reward"), ("next", "observation"),
+           "step_count", "episode_reward", "deter", "stoch", "prev_action", "is_init"]
+
+
+def collector_pair(env: str, *extra: str):
+    cfg = compose_config(tiny(env, "collector.frames_per_batch=8", *extra))
+    probe = make_env(cfg.env, 0)
+    policy = make_policy(make_agent(cfg, probe, torch.device("cpu")), probe.action_spec)
+    probe.close()
+    # Other seeds: the second collector's envs start elsewhere until restored.
+    return make_collector(cfg, policy, 0), make_collector(cfg, policy, 123)
+
+
+@pytest.mark.parametrize("envs", [1, 2])
+def test_a_restored_collector_steps_on_exactly_as_the_saved_one(envs):
+    first, second = collector_pair("dmc_cartpole", f"collector.envs={envs}")
+    try:
+        batches = iter(first)
+        for _ in range(3):
+            next(batches)
+        state, why = acting_state(first)
+        assert why == "" and len(state["envs"]) == envs
+        assert state["envs"][0]["step_count"] == 24 // envs  # 3 batches of 8 steps
+        torch.manual_seed(5)
+        expected = next(batches)
+        assert restore_acting(second, state) == ""
+        torch.manual_seed(5)  # the policy samples: the same draws on both sides
+        got = next(iter(second))
+        for key in CARRIED:
+            assert torch.equal(got[key], expected[key]), key
+        counts = got["step_count"].reshape(-1)  # on from 24 steps, not from a reset
+        assert (int(counts.min()), int(counts.max())) == (24 // envs, 32 // envs - 1)
+    finally:
+        first.shutdown()
+        second.shutdown()
+
+
+def test_envs_whose_state_is_not_saved_say_why():
+    first, second = collector_pair("cartpole")
+    try:
+        next(iter(first))
+        state, why = acting_state(first)
+        assert state is None and "GymWrapper" in why and "dmc only" in why
+        assert restore_acting(second, None).startswith("the checkpoint holds no env state")
+        assert "format 0" in restore_acting(second, {"format": 0})
+    finally:
+        first.shutdown()
+        second.shutdown()
+
+
+def test_a_resumed_run_continues_its_episodes(tmp_path, capsys):
+    """DMC cartpole episodes are 1000 steps: across a resume at 48 the streams go on
+    without a new episode, their step counts continuing where they stood."""
+    def run(steps: int, resume: bool) -> Trainer:
+        cfg = compose_config(tiny("dmc_cartpole", "collector.envs=2",
+                                  f"train.total_steps={steps}"))
+        trainer = Trainer(cfg, tmp_path / "run")
+        if resume:
+            trainer.load(tmp_path / "run")
+        assert trainer.train(Tracker("env_state", enabled=False))["status"] == "FINISHED"
+        return trainer
+
+    run(48, resume=False)
+    saved = load_checkpoint(tmp_path / "run")["acting"]["carrier"]
+    capsys.readouterr()
+    trainer = run(96, resume=True)
+    assert "envs continue their episodes from the checkpoint" in capsys.readouterr().out
+    storage = trainer.replay.buffer.storage
+    steps = storage[: len(storage)]
+    for stream in (0, 1):
+        mine = steps[steps["stream"] == stream]
+        mine = mine[mine["stream_step"].argsort()]
+        assert mine["stream_step"].tolist() == list(range(48))
+        assert mine["is_first"].reshape(-1).nonzero().reshape(-1).tolist() == [0]
+        # The first step after the resume is the saved carried step, not a reset.
+        assert torch.equal(mine["observation"][24], saved["observation"][stream])
