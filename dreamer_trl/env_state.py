@@ -7,21 +7,28 @@ return). Saved: each env's simulator state and the collector's carried step (the
 observation, the acting latents ``deter`` / ``stoch`` / ``prev_action``, ``step_count``,
 ``episode_reward``, ``is_init``), which TorchRL's transforms keep in the tensordict.
 
-Supported where the simulator state can be read and written in place: suite ``dmc``
-(MuJoCo's integration state, the episode's step count, the task's random state) in an
-in-process collector (one worker: one env or a ``SerialEnv``). Elsewhere
-:func:`acting_state` says why not, and a resume starts new episodes (as before).
+Supported where the simulator state can be read and written in place, in an in-process
+collector (one worker: one env or a ``SerialEnv``): suite ``dmc`` (MuJoCo's integration
+state, the episode's step count, the task's random state), ``atari`` (ALE's emulator state
+with its RNG), ``crafter`` and gymnasium's classic-control and toy-text envs (their
+attributes), each with its gymnasium wrappers' attributes (step limits, frame buffers).
+Elsewhere :func:`acting_state` says why not, and a resume starts new episodes.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 from tensordict import TensorDict
 from torchrl.collectors import BaseCollector, Collector
 from torchrl.envs import EnvBase, SerialEnv, TransformedEnv
 from torchrl.envs.libs.dm_control import DMControlWrapper
+from torchrl.envs.libs.gym import GymWrapper
+
+from .envs import CrafterEnv
 
 FORMAT = 1  # of the saved dict; a checkpoint with another starts new episodes
 
@@ -89,13 +96,19 @@ def sim_state(env: EnvBase) -> tuple[dict | None, str]:
     base = env.base_env if isinstance(env, TransformedEnv) else env
     if isinstance(base, DMControlWrapper):
         return _dmc_state(base._env), ""
-    return None, f"the simulator state of a {type(base).__name__} env is not saved (dmc only)"
+    if isinstance(base, GymWrapper):
+        return _gym_state(base._env)
+    return None, (f"the state of a {type(base).__name__} env is not saved "
+                  f"(suites dmc, atari, crafter and gymnasium classic control / toy text)")
 
 
 def load_sim_state(env: EnvBase, state: dict) -> None:
     """Write ``state`` (from :func:`sim_state`) into ``env``'s simulator."""
     base = env.base_env if isinstance(env, TransformedEnv) else env
-    _load_dmc_state(base._env, state)
+    if state["suite"] == "dmc":
+        _load_dmc_state(base._env, state)
+    else:
+        _load_gym_state(base._env, state)
 
 
 def _dmc_state(dm_env: Any) -> dict:
@@ -127,3 +140,53 @@ def _load_dmc_state(dm_env: Any, state: dict) -> None:
     dm_env._step_count = state["step_count"]
     dm_env._reset_next_step = state["reset_next_step"]
     dm_env.task.random.set_state(state["task_random"])
+
+
+def _gym_layers(env: gym.Env) -> tuple[list[gym.Wrapper], gym.Env]:
+    """A gymnasium env's wrappers, outermost first, and the env they wrap."""
+    wrappers = []
+    while isinstance(env, gym.Wrapper):
+        wrappers.append(env)
+        env = env.env
+    return wrappers, env
+
+
+def _own_vars(obj: Any) -> dict:
+    """An object's attributes less the envs it wraps (each layer saves its own)."""
+    return {k: v for k, v in vars(obj).items() if not isinstance(v, gym.Env)}
+
+
+def _gym_state(env: gym.Env) -> tuple[dict | None, str]:
+    from ale_py.env import AtariEnv
+
+    wrappers, core = _gym_layers(env)
+    if isinstance(core, AtariEnv):
+        # The emulator (frame counter, sticky-action RNG included) and the noop draws' RNG.
+        sim = {"ale": core.clone_state(include_rng=True), "np_random": core.np_random}
+    elif isinstance(core, CrafterEnv) or type(core).__module__.startswith(PLAIN_GYM):
+        sim = {"vars": _own_vars(core)}  # pure Python and numpy: the attributes are the state
+    else:
+        return None, (f"the state of gym env {type(core).__name__} is not saved (atari, "
+                      "crafter and gymnasium classic control / toy text are)")
+    try:
+        state = copy.deepcopy(
+            {"suite": "gym", "wrappers": [_own_vars(w) for w in wrappers], "core": sim}
+        )
+    except (TypeError, copy.Error) as err:  # an open render window, say
+        return None, f"the state of gym env {type(core).__name__} cannot be copied: {err}"
+    return state, ""
+
+
+PLAIN_GYM = ("gymnasium.envs.classic_control", "gymnasium.envs.toy_text")
+
+
+def _load_gym_state(env: gym.Env, state: dict) -> None:
+    wrappers, core = _gym_layers(env)
+    state = copy.deepcopy(state)  # the checkpoint's copy stays as it was
+    for wrapper, saved in zip(wrappers, state["wrappers"]):
+        vars(wrapper).update(saved)
+    if "ale" in state["core"]:
+        core.restore_state(state["core"]["ale"])
+        core._np_random = state["core"]["np_random"]
+    else:
+        vars(core).update(state["core"]["vars"])
