@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -418,7 +417,7 @@ class Trainer:
                 self._eval_or_save(tracker, video=bool(cfg.eval.video))  # final evaluation
                 self._log_open_loop(tracker)
         except KeyboardInterrupt:
-            # A user's stop (Ctrl-C, or SIGTERM via install_sigterm_as_interrupt): save below
+            # A user's stop (Ctrl-C, or SIGTERM as pipelines/train.py maps it): save below
             # and return; the caller prints the one line (MLflow's word for it is KILLED).
             status = "STOPPED"
         finally:
@@ -737,11 +736,3 @@ def prune_scratch(current: Path) -> None:
 
 def config_params(cfg: DictConfig) -> dict:
     return flatten_config(OmegaConf.to_container(cfg, resolve=True))
-
-
-def install_sigterm_as_interrupt() -> None:
-    """Treat SIGTERM like Ctrl-C so a killed run still leaves a checkpoint. SIGINT is
-    (re)installed too: a shell starts background jobs (``cmd &``) with SIGINT ignored,
-    which would make ``kill -INT`` do nothing at all."""
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    signal.signal(signal.SIGINT, signal.default_int_handler)

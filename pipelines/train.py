@@ -123,10 +123,30 @@ def install_stop_signals() -> None:
         return  # signal handlers can only be set from the main thread
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.unraisablehook = _redeliver_lost_stop
 
 
 def _raise_interrupt(*_: Any) -> None:
     raise KeyboardInterrupt
+
+
+def _redeliver_lost_stop(unraisable: Any) -> None:
+    """A stop whose KeyboardInterrupt was raised where Python cannot raise (a signal handler
+    runs at any bytecode, and lands in a weakref callback or ``__del__`` now and then:
+    inductor's caches run those while compiling) is printed and dropped, and the run goes
+    on training. Send it again, a moment later from a thread: sent from here, its handler
+    would run inside this hook and be dropped again."""
+    if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
+        return
+    while True:
+        try:
+            again = threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT))
+            again.daemon = True
+            again.start()
+            return
+        except KeyboardInterrupt:  # it (or another stop) came while still in here
+            continue
 
 
 @contextmanager

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -279,6 +280,34 @@ def test_sigint_during_compilation_exits_cleanly(tmp_path, store):
         assert run.data.tags["checkpoint"].startswith("none")
     else:  # stopped inside the loop: it saved one
         assert load_checkpoint(tmp_path / "r")["mlflow_run_id"] == run.info.run_id
+
+
+def test_a_stop_raised_inside_a_weakref_callback_is_not_lost(monkeypatch):
+    """A signal handler runs at any bytecode; when its KeyboardInterrupt is raised in a weakref
+    callback, Python prints it and drops it (CI once saw the compile-stop test train on for
+    minutes: the Ctrl-C had landed in inductor's ExactWeakKeyDictionary callback). The stop
+    must reach the code that follows instead."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+    train.install_stop_signals()
+
+    class Cached:
+        pass
+
+    def callback(_):  # where the handler happened to run
+        raise KeyboardInterrupt
+
+    try:
+        entry = Cached()
+        ref = weakref.ref(entry, callback)
+        with pytest.raises(KeyboardInterrupt):
+            del entry  # the callback runs here, its exception cannot propagate
+            for _ in range(100):  # the code after it: the stop must arrive here
+                time.sleep(0.01)
+        assert ref() is None
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def test_sigint_mid_run_is_resumable_with_make_train_and_no_env(tmp_path, store):
