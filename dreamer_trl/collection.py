@@ -20,10 +20,11 @@ from torch.distributed import rpc
 from torchrl.collectors import BaseCollector, Collector, MultiAsyncCollector
 from torchrl.collectors.distributed import DistributedCollector, RPCCollector
 from torchrl.data import Composite, Unbounded
-from torchrl.envs import EnvBase, ParallelEnv, SerialEnv, TensorDictPrimer, TransformedEnv
+from torchrl.envs import EnvBase, ParallelEnv, SerialEnv, TensorDictPrimer
 
 from . import device_envs
 from .agent import DreamerV3Agent
+from .env_state import ActingEnv
 from .envs import NATIVELY_BATCHED, make_env
 from .policy import ActingPolicy
 from .transforms import IncomingReward
@@ -47,9 +48,9 @@ def acting_env(
     """An env with the transforms acting needs: incoming reward, the recurrent primer and
     a constant ``stream`` id, so replay keeps each worker's steps one stream of its own.
     ``batch=N``: one natively batched env [N] (suites ``torchrl``, ``brax``) on ``device``, env j
-    being stream ``stream + j``."""
-    env = make_env(env_cfg, seed, device, render=render, batch=batch)
-    env = env if isinstance(env, TransformedEnv) else TransformedEnv(env)
+    being stream ``stream + j``. An :class:`ActingEnv`: a checkpoint can hold its state."""
+    env = make_env(env_cfg, seed, device, render=render, batch=batch, env_class=ActingEnv)
+    env.stream = stream
     env.append_transform(IncomingReward())
     env.append_transform(policy.make_primer())
     ids = stream if batch is None else device_envs.stream_ids(stream, batch, env.device)

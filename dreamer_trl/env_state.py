@@ -8,23 +8,27 @@ observation, the acting latents ``deter`` / ``stoch`` / ``prev_action``, ``step_
 ``episode_reward``, ``is_init``), which TorchRL's transforms keep in the tensordict.
 
 Supported where the simulator state can be read and written in place, in an in-process
-collector (one worker: one env or a ``SerialEnv``): suite ``dmc`` (MuJoCo's integration
-state, the episode's step count, the task's random state), ``atari`` (ALE's emulator state
-with its RNG), ``crafter`` and gymnasium's classic-control and toy-text envs (their
-attributes), each with its gymnasium wrappers' attributes (step limits, frame buffers).
-Elsewhere :func:`acting_state` says why not, and a resume starts new episodes.
+collector (one worker: one env, a ``SerialEnv``, or a ``ParallelEnv`` of
+:class:`ActingEnv`, whose workers read and write their envs' state on a method call):
+suite ``dmc`` (MuJoCo's integration state, the episode's step count, the task's random
+state), ``atari`` (ALE's emulator state with its RNG), ``crafter`` and gymnasium's
+classic-control and toy-text envs (their attributes), each with its gymnasium wrappers'
+attributes (step limits, frame buffers). Elsewhere :func:`acting_state` says why not, and a
+resume starts new episodes.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from tensordict import TensorDict
 from torchrl.collectors import BaseCollector, Collector
-from torchrl.envs import EnvBase, SerialEnv, TransformedEnv
+from torchrl.envs import EnvBase, ParallelEnv, SerialEnv, TransformedEnv
 from torchrl.envs.libs.dm_control import DMControlWrapper
 from torchrl.envs.libs.gym import GymWrapper
 
@@ -33,15 +37,33 @@ from .envs import CrafterEnv
 FORMAT = 1  # of the saved dict; a checkpoint with another starts new episodes
 
 
+class ActingEnv(TransformedEnv):
+    """An acting env (``collection.acting_env``) of replay stream ``stream``, its simulator
+    state reachable by method: a ``ParallelEnv`` runs a method call on each worker's env,
+    so these read and write the state in the worker process that steps it."""
+
+    stream: int = 0
+
+    def sim_state(self) -> tuple[dict | None, str]:
+        return sim_state(self)
+
+    def load_sim_state(self, states: Mapping[int, dict]) -> None:
+        """Load this env's entry of ``states`` (replay stream -> state)."""
+        load_sim_state(self, states[self.stream])
+
+
 def acting_state(collector: BaseCollector | None) -> tuple[dict | None, str]:
     """(state, "") of ``collector``'s envs and carried step, or (None, why it is not
     saved). The state holds numpy arrays and plain Python: checkpoints pickle it."""
-    envs, why = _sim_envs(collector)
-    if envs is None:
+    env, why = _acting_env(collector)
+    if env is None:
         return None, why
+    # A ParallelEnv answers one (state, why) for each worker, in sub-env order.
+    got = env.sim_state() if isinstance(env, ParallelEnv) else [
+        sim_state(sub) for sub in (env._envs if isinstance(env, SerialEnv) else [env])
+    ]
     sims = []
-    for env in envs:
-        sim, why = sim_state(env)
+    for sim, why in got:
         if sim is None:
             return None, why
         sims.append(sim)
@@ -52,23 +74,30 @@ def acting_state(collector: BaseCollector | None) -> tuple[dict | None, str]:
 
 def restore_acting(collector: BaseCollector, state: dict | None) -> str:
     """Put ``state`` (from :func:`acting_state`) back into a new ``collector`` of the same
-    config; returns "" once restored, else why the envs start new episodes."""
+    config (a ``SerialEnv`` and a ``ParallelEnv`` of it hold the same state); returns ""
+    once restored, else why the envs start new episodes."""
     if state is None:
         return "the checkpoint holds no env state (saved by older code, or before a batch)"
     if state.get("format") != FORMAT:
         return f"the checkpoint's env state has format {state.get('format')}, this code {FORMAT}"
-    envs, why = _sim_envs(collector)
-    if envs is None:
+    env, why = _acting_env(collector)
+    if env is None:
         return why
-    if len(envs) != len(state["envs"]):
-        return f"the checkpoint has the state of {len(state['envs'])} envs, this run {len(envs)}"
+    envs = env.batch_size.numel() if isinstance(env, SerialEnv | ParallelEnv) else 1
+    if envs != len(state["envs"]):
+        return f"the checkpoint has the state of {len(state['envs'])} envs, this run {envs}"
     carrier = collector._carrier
     saved = TensorDict.from_dict(state["carrier"], batch_size=carrier.batch_size)
     missing = set(carrier.exclude("collector").keys(True, True)) - set(saved.keys(True, True))
     if missing:  # (it has more: the last action, which a fresh reset lacks)
         return f"the checkpoint's carried step lacks {sorted(map(str, missing))}"
-    for env, sim in zip(envs, state["envs"]):
-        load_sim_state(env, sim)
+    if isinstance(env, ParallelEnv):
+        # Every worker gets the call: each loads the state of its own stream.
+        streams = saved.get("stream").reshape(-1).tolist()
+        env.load_sim_state(dict(zip(streams, state["envs"])))
+    else:
+        for sub, sim in zip(env._envs if isinstance(env, SerialEnv) else [env], state["envs"]):
+            load_sim_state(sub, sim)
     if "collector" in carrier.keys():  # the collector's own metadata (trajectory ids)
         saved.set("collector", carrier.get("collector"))
     collector._carrier = (
@@ -77,18 +106,31 @@ def restore_acting(collector: BaseCollector, state: dict | None) -> str:
     return ""
 
 
-def _sim_envs(collector: BaseCollector | None) -> tuple[list[EnvBase] | None, str]:
-    """The single envs whose simulators ``collector`` steps in this process."""
+def _acting_env(collector: BaseCollector | None) -> tuple[EnvBase | None, str]:
+    """``collector``'s env if this process can reach its simulators' state, else why not."""
     if not isinstance(collector, Collector):
         return None, "its envs run in worker processes (collector.num_workers > 1 or remote)"
     env = collector.env
+    if isinstance(env, ParallelEnv):
+        # A method its workers' envs lack would kill the workers: ask only ActingEnvs.
+        if not all(_builds_acting_env(fn) for fn in env.create_env_fn):
+            return None, "its ParallelEnv's envs are not ActingEnvs (collection.acting_env)"
+        if env.is_closed:  # lazily started: nothing stepped yet
+            return None, "its ParallelEnv has not started"
+        return env, ""
     if isinstance(env, SerialEnv):
-        if not getattr(env, "_envs", None):  # lazily started: nothing stepped yet
+        if not getattr(env, "_envs", None):
             return None, "its SerialEnv has not started"
-        return list(env._envs), ""
+        return env, ""
     if isinstance(env, TransformedEnv) and env.batch_size.numel() <= 1:
-        return [env], ""
+        return env, ""
     return None, f"its env is a {type(env).__name__} of batch {tuple(env.batch_size)}"
+
+
+def _builds_acting_env(fn: Any) -> bool:
+    from .collection import acting_env  # (collection imports this module)
+
+    return isinstance(fn, functools.partial) and fn.func is acting_env
 
 
 def sim_state(env: EnvBase) -> tuple[dict | None, str]:

@@ -99,6 +99,7 @@ def make_env(
     *,
     render: bool = False,
     batch: int | None = None,
+    env_class: type[TransformedEnv] = TransformedEnv,
 ) -> TransformedEnv:
     """Build one environment described by ``cfg`` (a dict or omegaconf DictConfig).
 
@@ -108,7 +109,8 @@ def make_env(
     ``"render"`` (see the module docstring; every other key and spec is unchanged). Raises
     ``ValueError`` with one clear line for an unknown suite or task and for observation/action
     spaces the agent does not support. ``batch=N`` (suite ``torchrl`` only: its envs are
-    natively batched) gives one env of batch size [N] on ``device``.
+    natively batched) gives one env of batch size [N] on ``device``. ``env_class``: the
+    ``TransformedEnv`` (sub)class that holds the transforms.
     """
     opts = _options(cfg)
     opts["render"] = bool(render)
@@ -130,7 +132,7 @@ def make_env(
         )
     else:
         base, transforms = builders[opts["suite"]](opts, seed, torch.device(device))
-    env = TransformedEnv(base)
+    env = env_class(base)
     for transform in [*transforms, *_episode_transforms(opts)]:
         env.append_transform(transform)
     if seed is not None:

@@ -1,12 +1,15 @@
 """A resumed run continues its envs' episodes (env_state.py): the simulator state and the
 collector's carried step go into checkpoints, and come back into a new collector."""
 
+import functools
 import io
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torchrl.collectors import Collector
+from torchrl.envs import ParallelEnv
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -25,20 +28,32 @@ CARRIED = ["action", ("next", "reward"), "step_count", "episode_reward", "deter"
            "prev_action", "is_init"]
 
 
-def collector_pair(env: str, *extra: str):
+def collector_pair(env: str, *extra: str, second_parallel: bool | None = None):
     cfg = compose_config(tiny(env, "collector.frames_per_batch=8", *extra))
     probe = make_env(cfg.env, 0)
     policy = make_policy(make_agent(cfg, probe, torch.device("cpu")), probe.action_spec)
     probe.close()
+    first = make_collector(cfg, policy, 0)
+    if second_parallel is not None:
+        cfg.collector.parallel = second_parallel
     # Other seeds: the second collector's envs start elsewhere until restored.
-    return make_collector(cfg, policy, 0), make_collector(cfg, policy, 123)
+    return first, make_collector(cfg, policy, 123)
 
 
-@pytest.mark.parametrize("env, envs", [
-    ("dmc_cartpole", 1), ("dmc_cartpole", 2), ("cartpole", 2), ("atari_pong", 1), ("crafter", 1),
+@pytest.mark.parametrize("env, envs, parallel, second_parallel", [
+    ("dmc_cartpole", 1, False, None), ("dmc_cartpole", 2, False, None),
+    ("cartpole", 2, False, None), ("atari_pong", 1, False, None), ("crafter", 1, False, None),
+    # A ParallelEnv's workers hand over their envs' state; a SerialEnv's state goes into one.
+    ("dmc_cartpole", 2, True, False), ("cartpole", 2, False, True),
 ])
-def test_a_restored_collector_steps_on_exactly_as_the_saved_one(env, envs):
-    first, second = collector_pair(env, f"collector.envs={envs}")
+def test_a_restored_collector_steps_on_exactly_as_the_saved_one(
+    env, envs, parallel, second_parallel
+):
+    first, second = collector_pair(env, f"collector.envs={envs}",
+                                   f"collector.parallel={str(parallel).lower()}",
+                                   second_parallel=second_parallel)
+    parallels = [parallel, parallel if second_parallel is None else second_parallel]
+    assert [isinstance(c.env, ParallelEnv) for c in (first, second)] == parallels
     try:
         batches = iter(first)
         for _ in range(3):
@@ -64,6 +79,20 @@ def test_a_restored_collector_steps_on_exactly_as_the_saved_one(env, envs):
     finally:
         first.shutdown()
         second.shutdown()
+
+
+def test_a_parallel_env_of_other_envs_says_why():
+    """Only ActingEnvs answer the state call: another env's workers would die of it."""
+    cfg = compose_config(tiny("cartpole"))
+    collector = Collector(ParallelEnv(2, functools.partial(make_env, cfg.env, 0)), None,
+                          frames_per_batch=8, total_frames=-1)
+    try:
+        next(iter(collector))
+        state, why = acting_state(collector)
+        assert state is None and "not ActingEnvs" in why
+        assert next(iter(collector)).shape == (2, 4)  # its workers still step
+    finally:
+        collector.shutdown()
 
 
 def test_envs_whose_state_is_not_saved_say_why():
