@@ -60,7 +60,7 @@ def acting_state(collector: BaseCollector | None) -> tuple[dict | None, str]:
         return None, why
     # A ParallelEnv answers one (state, why) for each worker, in sub-env order.
     got = env.sim_state() if isinstance(env, ParallelEnv) else [
-        sim_state(sub) for sub in (env._envs if isinstance(env, SerialEnv) else [env])
+        sim_state(sub) for sub in _in_process_envs(env)
     ]
     sims = []
     for sim, why in got:
@@ -96,7 +96,7 @@ def restore_acting(collector: BaseCollector, state: dict | None) -> str:
         streams = saved.get("stream").reshape(-1).tolist()
         env.load_sim_state(dict(zip(streams, state["envs"])))
     else:
-        for sub, sim in zip(env._envs if isinstance(env, SerialEnv) else [env], state["envs"]):
+        for sub, sim in zip(_in_process_envs(env), state["envs"]):
             load_sim_state(sub, sim)
     if "collector" in carrier.keys():  # the collector's own metadata (trajectory ids)
         saved.set("collector", carrier.get("collector"))
@@ -125,6 +125,11 @@ def _acting_env(collector: BaseCollector | None) -> tuple[EnvBase | None, str]:
     if isinstance(env, TransformedEnv) and env.batch_size.numel() <= 1:
         return env, ""
     return None, f"its env is a {type(env).__name__} of batch {tuple(env.batch_size)}"
+
+
+def _in_process_envs(env: EnvBase) -> list[EnvBase]:
+    """The single envs of an in-process ``env``: a SerialEnv's, or ``env`` itself."""
+    return list(env._envs) if isinstance(env, SerialEnv) else [env]
 
 
 def _builds_acting_env(fn: Any) -> bool:
