@@ -30,8 +30,10 @@ __all__ = [
     "default_tracking_uri",
     "flatten_config",
     "load_reference_curve",
+    "load_reference_seeds",
     "normalise_task_name",
     "plot_learning_curve",
+    "reference_overlay",
     "run_dir_of",
     "run_tags",
     "write_mp4",
@@ -386,8 +388,8 @@ def plot_learning_curve(
 
     Args:
         steps, returns: this run's eval points.
-        reference: ``(steps, mean)`` or ``(steps, mean, low, high)``; drawn dashed (band
-            shaded) and labelled "DreamerV3 reference".
+        reference: ``(steps, mean)`` or ``(steps, mean, low, high)``
+            (:func:`reference_overlay`); the mean drawn dashed, the band shaded.
         title: figure title.
         path: output PNG path (parent directories are created).
     """
@@ -406,9 +408,12 @@ def _learning_curve_figure(steps: Any, returns: Any, *, reference: Any, title: s
     ax = fig.add_subplot()
     if reference is not None:
         ref_steps, ref_mean = np.asarray(reference[0]), np.asarray(reference[1])
-        ax.plot(ref_steps, ref_mean, "--", color="gray", label="DreamerV3 reference")
+        ax.plot(ref_steps, ref_mean, "--", color="gray", label="DreamerV3 reference (mean)")
         if len(reference) >= 4:
-            ax.fill_between(ref_steps, reference[2], reference[3], color="gray", alpha=0.2)
+            ax.fill_between(
+                ref_steps, reference[2], reference[3], color="gray", alpha=0.2,
+                label="reference seeds' range",
+            )
     ax.plot(np.asarray(steps), np.asarray(returns), "o-", color="C0", label="this run")
     ax.set_xlabel("environment steps")
     ax.set_ylabel("eval return")
@@ -435,12 +440,40 @@ def normalise_task_name(task: str) -> str:
 def load_reference_curve(path: str | Path, task: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Seed-averaged reference curve for ``task`` from a DreamerV3 scores file.
 
+    Returns:
+        ``(steps, mean_return)`` on :func:`load_reference_seeds`' grid, or ``None`` if the
+        file or the task is missing.
+    """
+    seeds = load_reference_seeds(path, task)
+    return None if seeds is None else (seeds[0], seeds[1].mean(axis=0))
+
+
+def reference_overlay(
+    path: str | Path | None, task: str | None, until: float | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(steps, mean, lowest seed, highest seed)`` of the reference for ``task``, the
+    ``reference`` argument of :func:`plot_learning_curve`, up to step ``until``; ``None``
+    without a file or the task in it. The seeds' range shows how far one seed may land
+    from the mean."""
+    seeds = load_reference_seeds(path, task) if path and task else None
+    if seeds is None:
+        return None
+    steps, returns = seeds
+    keep = steps <= until if until is not None else np.ones_like(steps, dtype=bool)
+    returns = returns[:, keep]
+    return steps[keep], returns.mean(axis=0), returns.min(axis=0), returns.max(axis=0)
+
+
+def load_reference_seeds(path: str | Path, task: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every reference seed's curve for ``task`` on one grid of steps.
+
     The file is gzipped JSON: a list of runs ``{"task","method","seed","xs","ys"}``. Each
     seed is linearly interpolated onto a common grid spanning the steps *all* seeds cover
-    (so the mean never mixes in a different number of seeds), null points dropped.
+    (so a mean or a range never mixes in a different number of seeds), null points dropped.
 
     Returns:
-        ``(steps, mean_return)``, or ``None`` if the file or the task is missing.
+        ``(steps (N,), returns (S, N))`` for S seeds, or ``None`` if the file or the task
+        is missing.
     """
     runs = _read_runs(Path(path))
     want = normalise_task_name(task)
@@ -454,8 +487,7 @@ def load_reference_curve(path: str | Path, task: str) -> tuple[np.ndarray, np.nd
         curves = [max(curves, key=lambda c: len(c[0]))]
         lo, hi = curves[0][0][0], curves[0][0][-1]
     grid = np.linspace(lo, hi, num=max(len(xs) for xs, _ in curves))
-    mean = np.mean([np.interp(grid, xs, ys) for xs, ys in curves], axis=0)
-    return grid, mean
+    return grid, np.stack([np.interp(grid, xs, ys) for xs, ys in curves])
 
 
 def _read_runs(path: Path) -> list[dict[str, Any]]:

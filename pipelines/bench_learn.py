@@ -143,7 +143,7 @@ def plot_task(task: str, results: list[dict]) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dreamer_trl.tracking import load_reference_curve
+    from dreamer_trl.tracking import reference_overlay
 
     runs = [r for r in results if r and r["steps"]]
     if not runs:
@@ -152,12 +152,12 @@ def plot_task(task: str, results: list[dict]) -> Path | None:
     for r in runs:
         ax.plot(r["steps"], r["eval_return"], marker="o", label=f"dreamer_trl seed {r['seed']}")
     ref = runs[0]["config"].get("reference") or {}
-    if ref.get("file") and Path(ref["file"]).exists():
-        curve = load_reference_curve(ref["file"], ref["task"])
-        if curve is not None:
-            xs, ys = curve
-            keep = xs <= max(r["budget"] for r in runs) * 1.05
-            ax.plot(xs[keep], ys[keep], "k--", label="DreamerV3 reference (mean of seeds)")
+    until = max(r["budget"] for r in runs) * 1.05
+    overlay = reference_overlay(ref.get("file"), ref.get("task"), until=until)
+    if overlay is not None:
+        xs, mean, lo, hi = overlay
+        ax.plot(xs, mean, "k--", label="DreamerV3 reference (mean of seeds)")
+        ax.fill_between(xs, lo, hi, color="k", alpha=0.12, label="reference seeds' range")
     ax.set(xlabel="env steps", ylabel="eval return (mean of 10 episodes)", title=task)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -248,11 +248,14 @@ class TrainRun:
         )
         result = trainer.train(tracker)
         if trainer.returns:
-            from dreamer_trl.tracking import plot_learning_curve
+            from dreamer_trl.tracking import plot_learning_curve, reference_overlay
 
             steps, rets = zip(*trainer.returns)
+            ref = cfg.reference
+            overlay = reference_overlay(ref.file, ref.task, until=cfg.train.total_steps * 1.05)
             png = plot_learning_curve(
-                steps, rets, title=cfg.env.name, path=run_dir / "learning_curve.png"
+                steps, rets, reference=overlay, title=cfg.env.name,
+                path=run_dir / "learning_curve.png",
             )
             tracker.log_artifact(png)
         if result["status"] == "NONFINITE":  # NaN/inf guard stopped it; the latest ckpt is finite

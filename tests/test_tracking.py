@@ -19,8 +19,10 @@ from dreamer_trl.tracking import (
     default_artifact_location,
     flatten_config,
     load_reference_curve,
+    load_reference_seeds,
     normalise_task_name,
     plot_learning_curve,
+    reference_overlay,
 )
 
 REFERENCE_DIR = Path("/work/shared/reference_scores")
@@ -270,7 +272,9 @@ def test_load_reference_curve_atari_and_missing() -> None:
     assert load_reference_curve(REFERENCE_DIR / "missing.json.gz", "walker_walk") is None
 
 
-def test_load_reference_curve_nulls_and_grid(tmp_path: Path) -> None:
+def toy_scores(tmp_path: Path) -> Path:
+    """Two seeds of ``toy_run``: seed 0 is y = x with a null, seed 1 is y = x + 10 on other
+    steps; and another task that must be ignored."""
     runs = [
         {
             "task": "dmc_toy_run",
@@ -291,7 +295,27 @@ def test_load_reference_curve_nulls_and_grid(tmp_path: Path) -> None:
     path = tmp_path / "toy.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump(runs, f)
-    steps, mean = load_reference_curve(path, "toy_run")
+    return path
+
+
+def test_load_reference_curve_nulls_and_grid(tmp_path: Path) -> None:
+    steps, mean = load_reference_curve(toy_scores(tmp_path), "toy_run")
     assert steps[0] == 5 and steps[-1] == 30  # only where both seeds have data
     # seed 0 is y = x (null dropped), seed 1 is y = x + 10 -> mean = x + 5
     np.testing.assert_allclose(mean, steps + 5)
+
+
+def test_reference_overlay_range_and_cut(tmp_path: Path) -> None:
+    path = toy_scores(tmp_path)
+    steps, returns = load_reference_seeds(path, "toy_run")
+    assert returns.shape == (2, len(steps))
+    np.testing.assert_allclose(returns[0], steps)
+    np.testing.assert_allclose(returns[1], steps + 10)
+    steps, mean, low, high = reference_overlay(path, "toy_run", until=20)
+    assert steps[0] == 5 and steps[-1] <= 20 and len(steps) == np.sum(np.linspace(5, 30, 4) <= 20)
+    np.testing.assert_allclose(low, steps)
+    np.testing.assert_allclose(high, steps + 10)
+    np.testing.assert_allclose(mean, steps + 5)
+    assert reference_overlay(path, None) is None  # no task configured
+    assert reference_overlay(None, "toy_run") is None  # no file configured
+    assert reference_overlay(path, "no_such_task") is None
