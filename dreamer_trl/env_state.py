@@ -13,8 +13,10 @@ collector (one worker: one env, a ``SerialEnv``, or a ``ParallelEnv`` of
 suite ``dmc`` (MuJoCo's integration state, the episode's step count, the task's random
 state), ``atari`` (ALE's emulator state with its RNG), ``crafter`` and gymnasium's
 classic-control and toy-text envs (their attributes), each with its gymnasium wrappers'
-attributes (step limits, frame buffers). Elsewhere :func:`acting_state` says why not, and a
-resume starts new episodes.
+attributes (step limits, frame buffers); and suite ``torchrl``'s natively batched
+``PendulumEnv``, whose N states ride in the carried step and whose own state is the
+generator that draws its resets. Elsewhere (Brax's batched envs, say) :func:`acting_state`
+says why not, and a resume starts new episodes.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 from tensordict import TensorDict
 from torchrl.collectors import BaseCollector, Collector
-from torchrl.envs import EnvBase, ParallelEnv, SerialEnv, TransformedEnv
+from torchrl.envs import EnvBase, ParallelEnv, PendulumEnv, SerialEnv, TransformedEnv
 from torchrl.envs.libs.dm_control import DMControlWrapper
 from torchrl.envs.libs.gym import GymWrapper
 
@@ -87,6 +90,11 @@ def restore_acting(collector: BaseCollector, state: dict | None) -> str:
     if envs != len(state["envs"]):
         return f"the checkpoint has the state of {len(state['envs'])} envs, this run {envs}"
     carrier = collector._carrier
+    # A natively batched env is one entry of "envs" whatever its batch: count its streams.
+    saved_batch = state["carrier"]["done"].shape[:-1]
+    if saved_batch != carrier.batch_size:
+        return (f"the checkpoint's carried step has batch {tuple(saved_batch)}, "
+                f"this run {tuple(carrier.batch_size)}")
     saved = TensorDict.from_dict(state["carrier"], batch_size=carrier.batch_size)
     missing = set(carrier.exclude("collector").keys(True, True)) - set(saved.keys(True, True))
     if missing:  # (it has more: the last action, which a fresh reset lacks)
@@ -122,7 +130,9 @@ def _acting_env(collector: BaseCollector | None) -> tuple[EnvBase | None, str]:
         if not getattr(env, "_envs", None):
             return None, "its SerialEnv has not started"
         return env, ""
-    if isinstance(env, TransformedEnv) and env.batch_size.numel() <= 1:
+    if isinstance(env, TransformedEnv) and (
+        env.batch_size.numel() <= 1 or isinstance(env.base_env, PendulumEnv)
+    ):
         return env, ""
     return None, f"its env is a {type(env).__name__} of batch {tuple(env.batch_size)}"
 
@@ -145,8 +155,10 @@ def sim_state(env: EnvBase) -> tuple[dict | None, str]:
         return _dmc_state(base._env), ""
     if isinstance(base, GymWrapper):
         return _gym_state(base._env)
-    return None, (f"the state of a {type(base).__name__} env is not saved "
-                  f"(suites dmc, atari, crafter and gymnasium classic control / toy text)")
+    if isinstance(base, PendulumEnv):  # θ, θ̇ and the physical params are in the carried step
+        return {"suite": "torchrl", "rng": base.rng.get_state().numpy()}, ""
+    return None, (f"the state of a {type(base).__name__} env is not saved (suites dmc, "
+                  f"atari, crafter, gymnasium classic control / toy text, torchrl pendulum)")
 
 
 def load_sim_state(env: EnvBase, state: dict) -> None:
@@ -154,6 +166,8 @@ def load_sim_state(env: EnvBase, state: dict) -> None:
     base = env.base_env if isinstance(env, TransformedEnv) else env
     if state["suite"] == "dmc":
         _load_dmc_state(base._env, state)
+    elif state["suite"] == "torchrl":
+        base.rng.set_state(torch.from_numpy(state["rng"]))
     else:
         _load_gym_state(base._env, state)
 
