@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -37,11 +36,11 @@ from .agent import DreamerV3Agent
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from .compiling import compile_fn
 from .distributions import softmax_small
+from .tracking import is_run_id
 from .world_model import IntVector, ObsSpace
 
 __all__ = ["ActingStep", "ActionSpace", "Policy", "PolicyState", "load_policy"]
 
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _SOURCES = (
     "a checkpoint dir, a run dir, a state.pt, an MLflow run id, a logged MLflow model dir or a "
     "models:/<name>/<version> (runs:/<id>/policy) URI"
@@ -404,7 +403,7 @@ def read_policy_source(source: str) -> tuple[dict, str]:
     if source.startswith(("models:/", "runs:/")):
         return _from_mlflow(source), source
     path = Path(source).expanduser()
-    if path.exists() or not _RUN_ID.match(source):
+    if path.exists() or not is_run_id(source):
         where = _local_checkpoint(path)
         return load_checkpoint(where, map_location="cpu"), str(where)
     from .tracking import run_dir_of

@@ -29,6 +29,7 @@ __all__ = [
     "default_artifact_location",
     "default_tracking_uri",
     "flatten_config",
+    "is_run_id",
     "load_reference_curve",
     "load_reference_seeds",
     "normalise_task_name",
@@ -509,6 +510,14 @@ def _clean_run(run: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     xs, ys = np.asarray(sorted(pairs)).T
     return xs, ys
+
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def is_run_id(text: str) -> bool:
+    """Whether ``text`` has the form of an MLflow run id (32 lowercase hex digits)."""
+    return bool(_RUN_ID.match(text))
 
 
 def run_tags(run_id: str, tracking_uri: str | None = None) -> dict[str, str] | None:

@@ -14,7 +14,6 @@ entropy, and the world model's reconstruction and dynamics losses. The store is
 from __future__ import annotations
 
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -31,7 +30,6 @@ KEYS = (
     "train/loss_rec",
     "train/loss_dyn",
 )
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def parse(argv: list[str]) -> dict:
@@ -51,7 +49,9 @@ def parse(argv: list[str]) -> dict:
 def run_id_of(run: str) -> str:
     """The MLflow run id of a run dir or checkpoint (its checkpoint records it), or ``run``
     itself when it is no path and looks like a run id."""
-    if not Path(run).expanduser().exists() and _RUN_ID.match(run):
+    from dreamer_trl.tracking import is_run_id
+
+    if not Path(run).expanduser().exists() and is_run_id(run):
         return run
     import torch
 

@@ -12,7 +12,6 @@ and both files (under ``evaluate/step_<N>/``) are logged to that run.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +32,6 @@ OPTIONS: dict[str, tuple[str | None, str]] = {
     "tracking": (None, "log to the checkpoint's MLflow run (default: its config)"),
 }
 EVAL_JSON, EVAL_MP4 = "eval.json", "eval.mp4"
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -77,8 +75,9 @@ def locate_checkpoint(ckpt: str) -> Path:
     digits), in ``$MLFLOW_TRACKING_URI`` or the default store.
     """
     from dreamer_trl.checkpoint import find_checkpoint
+    from dreamer_trl.tracking import is_run_id
 
-    if Path(ckpt).expanduser().exists() or not _RUN_ID.match(ckpt):
+    if Path(ckpt).expanduser().exists() or not is_run_id(ckpt):
         return find_checkpoint(ckpt)  # CheckpointError names what it expected
     from pipelines.train import resolve_run_dir
 
